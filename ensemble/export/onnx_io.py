@@ -1,0 +1,48 @@
+"""Checked, atomic writing of exported ONNX models."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+OPSET = 17
+
+
+class ExportError(RuntimeError):
+    """An export could not produce a valid model; nothing was written."""
+
+
+def write_atomically(path: Path, payload: bytes) -> None:
+    """Write to a temp file beside `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Run onnx.checker (full check, with shape inference) and write the model atomically."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"{path}: exported graph failed onnx.checker: {exc}") from exc
+    write_atomically(path, model.SerializeToString())
+
+
+def save_array(array: np.ndarray, path: Path) -> None:
+    """Save a .npy atomically (np.save appends .npy to names without it, so write bytes ourselves)."""
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    write_atomically(path, buf.getvalue())
