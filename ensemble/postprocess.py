@@ -1,0 +1,98 @@
+"""Raw SSD heads → face boxes in pixels, and classifier probabilities → labels.
+
+Thresholds have no defaults here: they come from model_repository/postprocess/config.pbtxt
+(its `parameters`), optionally overridden per request.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from array_api_compat import array_namespace
+
+from ensemble.ssd import Array, Priors, decode_boxes, nms
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
+def _fraction(name: str, value: Any) -> float:
+    number = _number(name, value)
+    if not (0.0 < number <= 1.0):
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    return number
+
+
+def _positive_int(name: str, value: Any) -> int:
+    number = _number(name, value)
+    if not (math.isfinite(number) and number.is_integer() and number >= 1):
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(number)
+
+
+def _non_negative(name: str, value: Any) -> float:
+    number = _number(name, value)
+    if not (math.isfinite(number) and number >= 0):
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class DetectionParams:
+    """The thresholds of one detection request."""
+
+    confidence: float     # minimum face score kept
+    iou: float            # NMS overlap above which the weaker box goes
+    max_faces: int        # most faces returned per image, best first
+    min_face_size: float  # shorter box side, in pixels of the image sent, below which a box is dropped
+    pre_nms_top_k: int    # candidates entering NMS (Caffe's top_k)
+
+    _PARSERS = {
+        "confidence": _fraction, "iou": _fraction, "max_faces": _positive_int,
+        "min_face_size": _non_negative, "pre_nms_top_k": _positive_int,
+    }
+
+    @classmethod
+    def from_config(cls, parameters: Mapping[str, str]) -> DetectionParams:
+        """Read every threshold from a model config's `parameters`; a missing one is an error."""
+        missing = [f.name for f in fields(cls) if f.name not in parameters]
+        if missing:
+            raise ValueError(f"config parameters lack {', '.join(missing)}")
+        return cls(**{f.name: cls._PARSERS[f.name](f.name, parameters[f.name]) for f in fields(cls)})
+
+    def override(self, values: Mapping[str, Any]) -> DetectionParams:
+        """These params with a request's overrides applied; keys that are not thresholds are ignored."""
+        parsed = {name: self._PARSERS[name](name, value) for name, value in values.items() if name in self._PARSERS}
+        return replace(self, **parsed)
+
+
+def detect_faces(loc: Array, conf: Array, priors: Priors, image_hw: tuple[int, int],
+                 params: DetectionParams) -> tuple[Array, Array]:
+    """One image's raw heads ([P,4], [P,2]) → (boxes [K,4] x1 y1 x2 y2 in pixels, scores [K]), best first."""
+    xp = array_namespace(loc)
+    height, width = image_hw
+    scores = conf[:, 1]
+    candidates = xp.nonzero(scores > params.confidence)[0]
+    boxes = decode_boxes(loc[candidates], priors.take(candidates))
+    boxes = boxes * xp.asarray([width, height, width, height], dtype=boxes.dtype)
+    scores = scores[candidates]
+    big_enough = xp.min(boxes[:, 2:] - boxes[:, :2], axis=1) >= params.min_face_size
+    boxes, scores = boxes[big_enough], scores[big_enough]
+    keep = nms(boxes, scores, params.iou, params.pre_nms_top_k)[:params.max_faces]
+    limits = xp.asarray([width, height, width, height], dtype=boxes.dtype)
+    return xp.clip(boxes[keep], 0, limits), scores[keep]
+
+
+def label_faces(probabilities: np.ndarray, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Classifier softmax [K, C] → (label per face as an object array, its probability as float32)."""
+    best = np.argmax(probabilities, axis=1)
+    names = np.asarray(labels, dtype=object)[best]
+    return names, probabilities[np.arange(len(best)), best].astype(np.float32)

