@@ -97,7 +97,8 @@ def test_model_passes_checker_with_declared_io(exported):
     model = onnx.load(exported)
     onnx.checker.check_model(model, full_check=True)
     assert max(op.version for op in model.opset_import if op.domain in ("", "ai.onnx")) >= OPSET >= 17
-    assert [(v.name, declared_dims(v)) for v in model.graph.input] == [(CLASSIFIER_INPUT.tensor, ["N", 224, 224, 3])]
+    assert [(v.name, declared_dims(v)) for v in model.graph.input] == [(CLASSIFIER_INPUT.tensor,
+                                                                        ["N", 224, 224, 3])]
     assert [(v.name, declared_dims(v)) for v in model.graph.output] == [(CLASSIFIER_OUTPUT, ["N", 2])]
 
 
@@ -164,7 +165,7 @@ def relu6(x: np.ndarray) -> np.ndarray:
 
 
 def inverted_residual(x: np.ndarray, w: KerasWeights, block: str, stride: int, expand: bool) -> np.ndarray:
-    """MobileNetV2 block: 1x1 expand, 3x3 depthwise (padded 0/1 when strided, 'same' otherwise), 1x1 project."""
+    """MobileNetV2 block: 1x1 expand, 3x3 depthwise (padded 0/1 if strided, else 'same'), 1x1 project."""
     if expand:
         x = relu6(batch_norm(conv(x, w(f"{block}_expand", "kernel")), w, f"{block}_expand_BN"))
     x = pad(x, 0, 1) if stride == 2 else pad(x, 1, 1)
@@ -174,7 +175,7 @@ def inverted_residual(x: np.ndarray, w: KerasWeights, block: str, stride: int, e
 
 
 def numpy_forward_to_block_1(x: np.ndarray, w: KerasWeights) -> np.ndarray:
-    """Conv1_pad → Conv1 → bn_Conv1 → Conv1_relu → expanded_conv block → block_1 (to block_1_project_BN)."""
+    """Conv1_pad → Conv1 → bn_Conv1 → Conv1_relu → expanded_conv → block_1, up to block_1_project_BN."""
     x = relu6(batch_norm(conv(pad(x, 0, 1), w("Conv1", "kernel"), stride=2), w, "bn_Conv1"))
     x = inverted_residual(x, w, "expanded_conv", stride=1, expand=False)
     return inverted_residual(x, w, "block_1", stride=2, expand=True)
@@ -199,7 +200,7 @@ def test_first_blocks_match_independent_numpy_forward(tapped_session, faces, wei
     with h5py.File(weights.keras_h5, "r") as h5:
         expected = numpy_forward_to_block_1(batch.astype(np.float64), KerasWeights(h5))
     difference = np.abs(onnx_nchw.transpose(0, 2, 3, 1) - expected).max()
-    print(f"{TAPPED_LAYER}: max abs diff ONNX vs numpy {difference:.3e} (max |value| {np.abs(expected).max():.1f})")
+    print(f"{TAPPED_LAYER}: max abs diff ONNX vs numpy {difference:.3e}, max |value| {np.abs(expected).max():.1f}")
     assert expected.shape == (5, 56, 56, 24)
     assert difference <= PROPERTY_TOLERANCE
 

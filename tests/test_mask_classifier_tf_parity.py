@@ -24,7 +24,8 @@ def test_onnx_matches_keras_on_faces_and_random_inputs(tmp_path_factory):
     weights = fetch_weights()
     onnx_path = Path(export_mask_classifier(weights.keras_h5, tmp_path_factory.mktemp("onnx"))["onnx"])
     keras_model = tf.keras.models.load_model(str(weights.keras_h5), compile=False)
-    keras_outputs = tf.keras.Model(keras_model.input, [keras_model.output, keras_model.get_layer(FEATURES_LAYER).output])
+    features = keras_model.get_layer(FEATURES_LAYER).output
+    keras_outputs = tf.keras.Model(keras_model.input, [keras_model.output, features])
     batch = np.concatenate([np.stack(list(sample_faces(weights).values())), random_inputs(6)])
 
     expected = keras_outputs.predict(batch, batch_size=len(batch), verbose=0)
