@@ -22,7 +22,7 @@ $(INSTALLED): setup.cfg pyproject.toml
 venv: $(INSTALLED)
 
 # Debian packages the tests run for real: libpython for Triton's Python-backend stub, libb64 for perf_analyzer.
-SYSTEM_PACKAGES := libpython3.11 libb64-0d
+SYSTEM_PACKAGES := libpython3.11 libb64-0d chromium chromium-driver
 system-deps:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -39,6 +39,9 @@ run: venv system-deps models
 
 test: venv system-deps models
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: venv system-deps models
+	$(PY) -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf .cache/onnx artifacts .pytest_cache

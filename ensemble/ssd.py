@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from array_api_compat import array_namespace, to_device  # noqa: F401  (to_device re-exported for callers)
+from array_api_compat import array_namespace
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 

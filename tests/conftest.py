@@ -24,7 +24,7 @@ def reference_pipeline(model_repository) -> ReferencePipeline:
 @pytest.fixture(scope="session")
 def real_images():
     """grace_hopper (matplotlib) and astronaut (scikit-image) as BGR uint8, one face each."""
-    from images import real_images as load
+    from ensemble.sample_images import real_images as load
 
     return load()
 

@@ -6,7 +6,7 @@ import pytest
 from ensemble.postprocess import detect_faces
 from ensemble.ssd import pairwise_iou
 from ensemble.weights import fetch_weights
-from images import image_variants
+from ensemble.sample_images import image_variants
 
 REPORTED = 0.5  # the detections compared: those above OpenCV's usual face threshold
 

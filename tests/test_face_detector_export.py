@@ -16,7 +16,7 @@ from ensemble.export.onnx_io import OPSET, ExportError
 from ensemble.export.prototxt import parse_prototxt
 from ensemble.layouts import DETECTOR_INPUT, DETECTOR_OUTPUTS
 from ensemble.weights import fetch_weights
-from images import image_variants
+from ensemble.sample_images import image_variants
 
 BATCH_SIZE = 6  # several images per ONNX run, with a smaller last batch, exercises the dynamic batch dim
 

@@ -1,6 +1,7 @@
 """Real photographs shipped with matplotlib and scikit-image, and deterministic variants of them.
 
-Tests use these instead of synthetic arrays so parity is checked on the activations real faces cause.
+Tests and benchmarks use these instead of synthetic arrays, so parity and speed are measured on
+the activations real faces cause. matplotlib and scikit-image come with the `test` extra.
 """
 from __future__ import annotations
 

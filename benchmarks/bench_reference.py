@@ -1,0 +1,104 @@
+"""In-process reference pipeline throughput: `ReferencePipeline.detect` on the benchmark image set, one process.
+
+This is the ceiling a serving stack is compared with: same models, same pre/postprocessing,
+no serialization, no network, no queues.
+
+    python -m benchmarks.bench_reference --duration 20
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from benchmarks.common import latency_summary, machine_info, machine_line, results_dir, write_json
+from benchmarks.image_set import benchmark_images, describe
+from ensemble.reference import DEFAULT_REPOSITORY, ReferencePipeline
+
+SCHEMA = "facemask.bench.reference/1"
+
+
+def run(duration_s: float = 20.0, *, warmup_passes: int = 1, batch_size: int = 1, threads: int | None = None,
+        repository: Path = DEFAULT_REPOSITORY, min_requests: int = 1) -> dict:
+    """Run for about `duration_s` seconds after warm-up; return the result document."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    machine = machine_info()  # before the run: the load average is about the machine, not about us
+    images = benchmark_images()
+    frames = list(images.values())
+    pipeline = ReferencePipeline(repository, threads=threads)
+    for _ in range(warmup_passes):
+        for frame in frames:
+            pipeline.detect(frame)
+
+    cycle = itertools.cycle(frames)
+    latencies, faces, processed = [], 0, 0
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+    while len(latencies) < min_requests or time.perf_counter() - started < duration_s:
+        batch = [next(cycle) for _ in range(batch_size)]
+        began = time.perf_counter()
+        detections = pipeline.detect_batch(batch) if batch_size > 1 else [pipeline.detect(batch[0])]
+        latencies.append(time.perf_counter() - began)
+        faces += sum(len(found) for found in detections)
+        processed += len(batch)
+    elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
+
+    return {
+        "schema": SCHEMA,
+        "benchmark": "reference",
+        "description": "ReferencePipeline (ONNX Runtime, CPU) in one process, frames sent one request at a time",
+        "machine": machine,
+        "image_set": describe(images),
+        "settings": {"duration_s": duration_s, "warmup_passes": warmup_passes, "batch_size": batch_size,
+                     "ort_intra_op_threads": threads, "model_repository": str(repository)},
+        "results": {
+            "images": processed,
+            "requests": len(latencies),
+            "elapsed_s": round(elapsed, 3),
+            "throughput_images_per_s": round(processed / elapsed, 3),
+            "latency_per_request": latency_summary(latencies),
+            "cpu_seconds_per_image": round(cpu / processed, 5),
+            "cpu_utilization_cores": round(cpu / elapsed, 3),
+            "faces_per_image": round(faces / processed, 3),
+        },
+    }
+
+
+def summary(document: dict) -> str:
+    results, settings = document["results"], document["settings"]
+    latency = results["latency_per_request"]
+    return (f"reference pipeline: {results['throughput_images_per_s']:.1f} images/s "
+            f"(batch {settings['batch_size']}, {results['images']} images in {results['elapsed_s']:.1f} s, "
+            f"p50 {latency['p50_ms']:.1f} ms, p99 {latency['p99_ms']:.1f} ms, "
+            f"{results['cpu_utilization_cores']:.2f} cores busy)\n"
+            f"  machine: {machine_line(document['machine'])}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_reference", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=20.0, help="measured seconds (default 20)")
+    parser.add_argument("--warmup-passes", type=int, default=1, help="unmeasured passes over the image set")
+    parser.add_argument("--batch-size", type=int, default=1, help="frames per detect_batch call (default 1)")
+    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's choice)")
+    parser.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
+    parser.add_argument("--results-dir", type=Path, help="default: benchmarks/results/<timestamp>/")
+    parser.add_argument("--output", type=Path, help="default: <results-dir>/reference.json")
+    args = parser.parse_args(argv)
+
+    document = run(args.duration, warmup_passes=args.warmup_passes, batch_size=args.batch_size,
+                   threads=args.threads, repository=args.model_repository)
+    output = args.output or (args.results_dir or results_dir()) / "reference.json"
+    write_json(output, document)
+    print(summary(document))
+    print(f"  result: {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""What every benchmark result records: the machine, the software, where results go."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+PACKAGES = ("numpy", "opencv-python-headless", "onnxruntime", "nvidia-pytriton", "tritonclient")
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (falls back to platform.processor())."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (cgroup/affinity aware where the OS says so)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def git_revision() -> str | None:
+    try:
+        result = subprocess.run(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None
+
+
+def machine_info() -> dict:
+    """Cores, CPU model, load at the start (a busy machine makes figures meaningless), OS and versions."""
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "usable_cores": usable_cores(),
+        "load_average_1_5_15": load_average(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "packages": versions,
+        "git": git_revision(),
+    }
+
+
+def timestamp() -> str:
+    return time.strftime("%Y%m%dT%H%M%S")
+
+
+def results_dir(name: str | None = None) -> Path:
+    """benchmarks/results/<timestamp>/ (git-ignored), created."""
+    path = RESULTS_DIR / (name or timestamp())
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def latency_summary(seconds: list[float]) -> dict:
+    """p50/p95/p99/mean/max of a list of durations, in milliseconds."""
+    values = np.asarray(seconds, dtype=np.float64) * 1e3
+    if values.size == 0:
+        return {}
+    p50, p95, p99 = np.percentile(values, [50, 95, 99])
+    return {"p50_ms": round(float(p50), 3), "p95_ms": round(float(p95), 3), "p99_ms": round(float(p99), 3),
+            "mean_ms": round(float(values.mean()), 3), "max_ms": round(float(values.max()), 3)}
+
+
+def write_json(path: Path, document: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    return path
+
+
+def machine_line(machine: dict) -> str:
+    load = machine.get("load_average_1_5_15")
+    return (f"{machine['usable_cores']} usable cores ({machine['cpu_count']} online), {machine['cpu_model']}"
+            + (f", load {load[0]:.2f}" if load else ""))
