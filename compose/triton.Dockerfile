@@ -1,0 +1,20 @@
+# Triton 2.51 (NGC release 24.10) with the project's `ensemble` package, which the Python models
+# (preprocess, postprocess) import. Build context: the repository root (see docker-compose.yml).
+# The model repository is not baked in: compose mounts ../model_repository read-only at /models.
+FROM nvcr.io/nvidia/tritonserver:24.10-py3
+
+WORKDIR /opt/facemask
+COPY setup.cfg pyproject.toml README.md ./
+COPY ensemble ./ensemble
+# --no-deps: the package's own requirements include the pip tritonserver (nvidia-pytriton) and ONNX
+# tooling that this image already has or does not need; the Python models need only these. The
+# tritonclient pin matches the server, for its model_config protobuf.
+RUN python3 -m pip install --no-cache-dir --no-deps . \
+ && python3 -m pip install --no-cache-dir \
+        "numpy>=1.24,<2" \
+        "opencv-python-headless>=4.10,<5" \
+        "array-api-compat>=1.9" \
+        "tritonclient[grpc]==2.51.0" \
+ && python3 -c "import ensemble.postprocess, ensemble.preprocess, ensemble.triton.config"
+
+EXPOSE 8000 8001 8002
