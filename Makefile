@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 .PHONY: help venv system-deps models run test bench clean
 
 help:
-	@echo "make run    - build models if needed, start tritonserver (CPU) + gateway"
+	@echo "make run    - build models if needed, start tritonserver (CPU) + gateway on 127.0.0.1:8080"
 	@echo "make test   - build models if needed, run the whole test suite"
 	@echo "make bench  - side-by-side benchmarks (in-process, Triton, gateway)"
 
@@ -36,7 +36,7 @@ models: venv
 	$(PY) -m ensemble.build
 
 run: venv system-deps models
-	$(PY) -m ensemble.triton.launcher
+	$(PY) -m gateway.serve $(RUN_ARGS)
 
 test: venv system-deps models
 	$(PY) -m pytest $(PYTEST_ARGS)

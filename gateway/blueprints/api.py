@@ -1,0 +1,157 @@
+"""The detection API: one image (raw body or multipart), a batch of images, and its OpenAPI document."""
+from __future__ import annotations
+
+import contextvars
+from concurrent.futures import ThreadPoolExecutor
+
+from flask import Blueprint, Response, g, jsonify, request
+from werkzeug.datastructures import FileStorage
+
+from gateway.annotate import draw_detections, encode_jpeg
+from gateway.dependencies import detector, settings
+from gateway.detection import ImageResult, detect_in_image
+from gateway.errors import (EmptyBody, ImageError, MissingImage, PayloadTooLarge, TooManyImages,
+                            UnsupportedMediaType, error_entry)
+from gateway.openapi import openapi_document
+from gateway.params import DetectParams, parse_detect_params
+from gateway.server_timing import current_timings
+
+bp = Blueprint("api", __name__)
+
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff")
+MULTIPART = "multipart/form-data"
+# Multipart parts are often unlabelled or generic; their bytes are checked by decoding anyway.
+GENERIC_PART_TYPES = ("", "application/octet-stream")
+MULTIPART_OVERHEAD_BYTES = 64 * 1024  # boundaries and part headers around a maximum-size image
+SINGLE_FIELD = "image"
+BATCH_FIELD = "images"
+
+
+def _unsupported(mimetype: str) -> UnsupportedMediaType:
+    return UnsupportedMediaType(
+        f"Content-Type {mimetype or '(none)'!s} is not accepted; send the image as the raw body with "
+        f"Content-Type {', '.join(IMAGE_TYPES)}, or as multipart/form-data field '{SINGLE_FIELD}'")
+
+
+def _read_part(part: FileStorage, max_bytes: int) -> bytes:
+    """The bytes of one multipart file, checked for a usable type and the per-image size limit."""
+    if part.mimetype not in IMAGE_TYPES + GENERIC_PART_TYPES:
+        raise UnsupportedMediaType(f"part {part.filename or part.name!r} has type {part.mimetype!r}; "
+                                   f"expected one of {', '.join(IMAGE_TYPES)}")
+    data = part.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(f"image {part.filename or part.name!r} exceeds the limit of {max_bytes} bytes")
+    if not data:
+        raise EmptyBody(f"image {part.filename or part.name!r} is empty")
+    return data
+
+
+def _single_upload() -> bytes:
+    """The one image of /v1/detect: the raw body, or the multipart field `image`."""
+    max_bytes = settings().max_body_bytes
+    if request.mimetype == MULTIPART:
+        request.max_content_length = max_bytes + MULTIPART_OVERHEAD_BYTES
+        part = request.files.get(SINGLE_FIELD)
+        if part is None:
+            raise MissingImage(f"the multipart body has no file field '{SINGLE_FIELD}'")
+        return _read_part(part, max_bytes)
+    if request.mimetype not in IMAGE_TYPES:
+        raise _unsupported(request.mimetype)
+    request.max_content_length = max_bytes
+    data = request.get_data(cache=False)
+    if not data:
+        raise EmptyBody("the request body is empty; send the image bytes")
+    return data
+
+
+def _wants_jpeg() -> bool:
+    """`Accept: image/jpeg` asks for the annotated picture instead of JSON (JSON wins ties such as */*)."""
+    return request.accept_mimetypes.best_match(["application/json", "image/jpeg"]) == "image/jpeg"
+
+
+def _model_json(version: str | None) -> dict:
+    return {"name": settings().model_name, "version": version}
+
+
+def _record(result: ImageResult) -> None:
+    timings = current_timings()
+    timings.add("decode", result.decode_ms)
+    timings.add("inference", result.inference_ms)
+
+
+@bp.post("/v1/detect")
+def detect():
+    """Faces with mask / no-mask labels in one image, as JSON or (Accept: image/jpeg) an annotated JPEG."""
+    data = _single_upload()
+    params = parse_detect_params(request.args)
+    result = detect_in_image(data, params, settings(), detector())
+    _record(result)
+    if _wants_jpeg():
+        annotated = draw_detections(result.pixels, result.boxes, result.labels, result.label_scores)
+        return Response(encode_jpeg(annotated), mimetype="image/jpeg")
+    return jsonify({
+        "request_id": g.request_id,
+        "image": {"width": result.width, "height": result.height},
+        "model": _model_json(result.model_version),
+        "detections": result.detections_json(),
+        "timing_ms": current_timings().as_json(),
+    })
+
+
+def _batch_entry(index: int, part: FileStorage, params: DetectParams):
+    """Read one image of a batch and return the work to run it: image errors become that image's entry."""
+    config, triton = settings(), detector()
+    entry = {"index": index, "filename": part.filename or None}
+    try:
+        data = _read_part(part, config.max_body_bytes)
+    except ImageError as error:
+        failed = {**entry, "error": error_entry(error)}
+        return lambda: (failed, None)
+
+    def run():
+        try:
+            result = detect_in_image(data, params, config, triton)
+        except ImageError as error:
+            return {**entry, "error": error_entry(error)}, None
+        return {**entry, "image": {"width": result.width, "height": result.height},
+                "detections": result.detections_json(),
+                "timing_ms": {"decode": round(result.decode_ms, 2),
+                              "inference": round(result.inference_ms, 2)}}, result
+
+    context = contextvars.copy_context()  # the request's trace context, for the Triton call in a pool thread
+    return lambda: context.run(run)
+
+
+@bp.post("/v1/detect/batch")
+def detect_batch():
+    """Several images (multipart field `images`, repeated); results in request order, one entry per image."""
+    config = settings()
+    request.max_content_length = config.max_batch_bytes
+    if request.mimetype != MULTIPART:
+        raise UnsupportedMediaType(f"Content-Type {request.mimetype or '(none)'} is not accepted; send "
+                                   f"multipart/form-data with one or more file fields '{BATCH_FIELD}'")
+    params = parse_detect_params(request.args)
+    parts = request.files.getlist(BATCH_FIELD)
+    if not parts:
+        raise MissingImage(f"the multipart body has no file field '{BATCH_FIELD}'")
+    if len(parts) > config.max_batch_images:
+        raise TooManyImages(f"{len(parts)} images sent; at most {config.max_batch_images} per batch")
+    jobs = [_batch_entry(index, part, params) for index, part in enumerate(parts)]
+    # Images go to Triton concurrently so its dynamic batcher can group them; Triton-wide failures propagate.
+    with ThreadPoolExecutor(max_workers=min(len(jobs), config.batch_concurrency)) as pool:
+        outcomes = list(pool.map(lambda job: job(), jobs))
+    results = [result for _, result in outcomes if result is not None]
+    for result in results:
+        _record(result)
+    return jsonify({
+        "request_id": g.request_id,
+        "model": _model_json(results[0].model_version if results else None),
+        "results": [entry for entry, _ in outcomes],
+        "timing_ms": current_timings().as_json(),
+    })
+
+
+@bp.get("/openapi.json")
+def openapi():
+    """The OpenAPI 3.1 description of this API."""
+    return openapi_document()

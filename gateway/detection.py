@@ -1,0 +1,72 @@
+"""One uploaded image through the service: decode, fit, infer on Triton, map boxes back to the displayed image."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from gateway.imaging import boxes_to_original, decode_image, fit_within
+from gateway.params import DetectParams
+from gateway.settings import Settings
+from gateway.triton_client import ModelDetections
+
+
+class Detector(Protocol):
+    """What the pipeline needs from Triton (a fake in unit tests)."""
+
+    def detect(self, image_bgr: np.ndarray, parameters: dict | None = None) -> ModelDetections: ...
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """One image's faces in its displayed pixel coordinates, plus what it cost."""
+
+    pixels: np.ndarray  # decoded BGR image, kept for annotation
+    boxes: np.ndarray  # [N, 4] float64 x1 y1 x2 y2
+    scores: np.ndarray
+    labels: list[str]
+    label_scores: np.ndarray
+    model_version: str
+    decode_ms: float
+    inference_ms: float
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    def detections_json(self) -> list[dict]:
+        """The `detections` array of the API, boxes rounded to 0.01 px."""
+        return [
+            {"box": [round(float(v), 2) for v in box], "score": round(float(score), 4), "label": label,
+             "label_score": round(float(label_score), 4)}
+            for box, score, label, label_score in zip(self.boxes, self.scores, self.labels, self.label_scores)
+        ]
+
+
+def _elapsed_ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+def detect_in_image(data: bytes, params: DetectParams, settings: Settings, detector: Detector) -> ImageResult:
+    """Run the whole pipeline on one encoded image; raises typed gateway errors for bad input or Triton trouble."""
+    start = time.perf_counter()
+    pixels = decode_image(data, settings.max_pixels)
+    scaled = fit_within(pixels, settings.max_side)
+    decode_ms = _elapsed_ms(start)
+
+    start = time.perf_counter()
+    found = detector.detect(scaled.pixels, params.triton_parameters())
+    inference_ms = _elapsed_ms(start)
+
+    height, width = pixels.shape[:2]
+    return ImageResult(
+        pixels=pixels, boxes=boxes_to_original(found.boxes, scaled, width, height), scores=found.scores,
+        labels=found.labels, label_scores=found.label_scores, model_version=found.model_version,
+        decode_ms=decode_ms, inference_ms=inference_ms,
+    )

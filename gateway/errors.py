@@ -1,0 +1,159 @@
+"""Typed gateway errors and the one table that turns them into HTTP statuses and JSON bodies."""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, current_app, g, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """A failure the client is told about: a stable machine-readable `code` and a human message."""
+
+    code = "internal_error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class ImageError(ApiError):
+    """Something wrong with one uploaded image: in a batch it fails that image only."""
+
+
+class RequestError(ApiError):
+    """Something wrong with the request as a whole (its parameters, its shape)."""
+
+
+class UpstreamFailure(ApiError):
+    """Triton could not serve the request: every image of a batch would fail alike, so the batch fails."""
+
+
+class EmptyBody(ImageError):
+    code = "empty_body"
+
+
+class UnsupportedMediaType(ImageError):
+    code = "unsupported_media_type"
+
+
+class InvalidImage(ImageError):
+    code = "invalid_image"
+
+
+class PayloadTooLarge(ImageError):
+    code = "payload_too_large"
+
+
+class ImageTooLarge(ImageError):
+    code = "image_too_large"
+
+
+class InferenceRejected(ImageError):
+    code = "inference_rejected"
+
+
+class MissingImage(RequestError):
+    code = "missing_image"
+
+
+class InvalidParameter(RequestError):
+    code = "invalid_parameter"
+
+
+class ParameterOutOfRange(RequestError):
+    code = "parameter_out_of_range"
+
+
+class TooManyImages(RequestError):
+    code = "too_many_images"
+
+
+class TritonUnreachable(UpstreamFailure):
+    code = "triton_unreachable"
+
+
+class ModelNotReady(UpstreamFailure):
+    code = "model_not_ready"
+
+
+class TritonOverloaded(UpstreamFailure):
+    code = "triton_overloaded"
+
+
+class TritonTimeout(UpstreamFailure):
+    code = "triton_timeout"
+
+
+class UpstreamError(UpstreamFailure):
+    code = "upstream_error"
+
+
+# The one place a gateway error becomes an HTTP status.
+HTTP_STATUS: dict[type[ApiError], int] = {
+    EmptyBody: 400,
+    MissingImage: 400,
+    InvalidImage: 400,
+    InvalidParameter: 400,
+    UnsupportedMediaType: 415,
+    PayloadTooLarge: 413,
+    ImageTooLarge: 413,
+    ParameterOutOfRange: 422,
+    TooManyImages: 422,
+    InferenceRejected: 422,
+    TritonOverloaded: 429,
+    UpstreamError: 502,
+    TritonUnreachable: 503,
+    ModelNotReady: 503,
+    TritonTimeout: 504,
+}
+
+# Statuses after which a retry is expected to succeed: they carry Retry-After.
+RETRYABLE_STATUSES = frozenset({429, 503})
+
+
+def status_of(error: ApiError) -> int:
+    """HTTP status of a gateway error (500 for anything the table does not name)."""
+    for cls in type(error).__mro__:
+        if cls in HTTP_STATUS:
+            return HTTP_STATUS[cls]
+    return 500
+
+
+def error_entry(error: ApiError) -> dict:
+    """The `{"code", "message"}` object clients see, also used for one failed image of a batch."""
+    return {"code": error.code, "message": error.message}
+
+
+def error_response(status: int, code: str, message: str):
+    """A JSON error response in the one shape every endpoint uses."""
+    response = jsonify({"error": {"code": code, "message": message}, "request_id": g.get("request_id")})
+    response.status_code = status
+    if status in RETRYABLE_STATUSES:
+        response.headers["Retry-After"] = str(current_app.config["SETTINGS"].retry_after_s)
+    return response
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Make every failure, expected or not, a JSON body without internals (no stack traces, no image bytes)."""
+
+    @app.errorhandler(ApiError)
+    def _api_error(error: ApiError):
+        return error_response(status_of(error), error.code, error.message)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(error: RequestEntityTooLarge):
+        limit = request.max_content_length
+        return error_response(413, PayloadTooLarge.code, f"request body exceeds the limit of {limit} bytes")
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error: HTTPException):
+        code = (error.name or "error").lower().replace(" ", "_")
+        return error_response(error.code or 500, code, error.description or error.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception):
+        log.exception("unhandled error in request %s", g.get("request_id"))
+        return error_response(500, ApiError.code, "internal error; see the gateway log for this request_id")

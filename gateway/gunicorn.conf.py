@@ -1,0 +1,66 @@
+"""gunicorn settings for `gunicorn -c gateway/gunicorn.conf.py 'gateway:create_app()'`, all taken from Settings.
+
+Per-process state (the Triton gRPC channel, the TracerProvider, the Prometheus registry) is created in
+each worker after fork: the app is not preloaded, and post_fork builds the worker's Triton client.
+"""
+import os
+import shutil
+import tempfile
+
+from gateway.settings import Settings
+
+_settings = Settings.from_env()
+
+# Prometheus multiprocess mode: every worker writes its samples to files here; /metrics merges them.
+# prometheus_client reads the variable when it is first imported, so it is set before any worker starts.
+_owns_prometheus_dir = not _settings.prometheus_multiproc_dir
+_prometheus_dir = _settings.prometheus_multiproc_dir or tempfile.mkdtemp(prefix="gateway-prometheus-")
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = _prometheus_dir  # inherited by the workers
+
+bind = [f"{_settings.host}:{_settings.port}"]
+workers = _settings.workers
+worker_class = "gthread"  # threads wait on Triton concurrently; Triton's dynamic batcher groups their requests
+threads = _settings.threads
+timeout = _settings.worker_timeout_s
+graceful_timeout = _settings.graceful_timeout_s  # SIGTERM: stop accepting, finish in-flight requests, then exit
+keepalive = _settings.keepalive_s
+preload_app = False  # the app (and everything per-process) is built in each worker, after fork
+max_requests = 0  # workers live long: each holds a warm gRPC channel
+loglevel = _settings.log_level
+accesslog = "-"
+errorlog = "-"
+access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms request_id=%({x-request-id}o)s'
+limit_request_line = 8190
+proc_name = "facemask-gateway"
+# gunicorn >= 27's control socket has one default path per user: parallel gateways (tests) would collide.
+control_socket_disable = True
+
+
+def on_starting(server):
+    """Start from an empty metrics directory: files of a previous run would be summed into this one's."""
+    os.makedirs(_prometheus_dir, exist_ok=True)
+    for name in os.listdir(_prometheus_dir):
+        if name.endswith(".db"):  # prometheus_client's files only, whatever else the directory holds
+            os.remove(os.path.join(_prometheus_dir, name))
+
+
+def post_fork(server, worker):
+    """Create this worker's TracerProvider and its one Triton client, reused by all its threads."""
+    from gateway.tracing import setup_tracing
+    from gateway.triton_client import init_worker_detector
+
+    setup_tracing(_settings)
+    init_worker_detector(_settings)
+
+
+def child_exit(server, worker):
+    """Drop a dead worker's live gauges from the merged metrics."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """Remove the metrics directory this configuration created (one given by the caller is left alone)."""
+    if _owns_prometheus_dir:
+        shutil.rmtree(_prometheus_dir, ignore_errors=True)

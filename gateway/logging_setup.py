@@ -1,0 +1,32 @@
+"""Gateway log records go where gunicorn's go, at the configured level, tagged with the request id."""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, g, has_request_context
+
+from gateway.settings import Settings
+
+LOGGER_NAME = "gateway"
+FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s request_id=%(request_id)s: %(message)s"
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds `request_id` to every record ("-" outside a request) so a client's id finds its log lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = g.get("request_id", "-") if has_request_context() else "-"
+        return True
+
+
+def register_logging(app: Flask, settings: Settings) -> None:
+    """Configure the `gateway` logger once per process; messages never contain image bytes, only sizes and ids."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.setLevel(settings.log_level.upper())
+    if any(isinstance(f, RequestIdFilter) for h in logger.handlers for f in h.filters):
+        return
+    handler = logging.StreamHandler()  # stderr, which gunicorn sends to its error log
+    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.addFilter(RequestIdFilter())  # on the handler, so records of child loggers get it too
+    logger.addHandler(handler)
+    logger.propagate = False

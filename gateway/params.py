@@ -1,0 +1,59 @@
+"""Per-request detection thresholds from the query string, validated before anything reaches Triton."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Mapping
+
+from gateway.errors import InvalidParameter, ParameterOutOfRange
+
+MAX_FACES_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class DetectParams:
+    """Overrides of the model's defaults; None leaves the model's own default in force."""
+
+    confidence: float | None = None  # minimum face score, in (0, 1]
+    iou: float | None = None  # NMS overlap threshold, in (0, 1]
+    max_faces: int | None = None  # at most this many faces, >= 1
+
+    def triton_parameters(self) -> dict[str, str | int]:
+        """The request parameters Triton's postprocess model reads (only those the caller set).
+
+        Floats travel as strings: Triton's Python backend accepts only bool, int and string parameters.
+        """
+        return {name: repr(value) if isinstance(value, float) else value
+                for name, value in asdict(self).items() if value is not None}
+
+
+def _unit_interval(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidParameter(f"{name} must be a number in (0, 1], got {raw!r}") from None
+    if not math.isfinite(value) or not 0.0 < value <= 1.0:
+        raise ParameterOutOfRange(f"{name} must be in (0, 1], got {raw!r}")
+    return value
+
+
+def _positive_int(name: str, raw: str, upper: int) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidParameter(f"{name} must be an integer in [1, {upper}], got {raw!r}") from None
+    if not 1 <= value <= upper:
+        raise ParameterOutOfRange(f"{name} must be an integer in [1, {upper}], got {raw!r}")
+    return value
+
+
+def parse_detect_params(args: Mapping[str, str]) -> DetectParams:
+    """Parse `confidence`, `iou` and `max_faces`; 400 when not a number, 422 when out of range."""
+    confidence = args.get("confidence")
+    iou = args.get("iou")
+    max_faces = args.get("max_faces")
+    return DetectParams(
+        confidence=None if confidence is None else _unit_interval("confidence", confidence),
+        iou=None if iou is None else _unit_interval("iou", iou),
+        max_faces=None if max_faces is None else _positive_int("max_faces", max_faces, MAX_FACES_LIMIT),
+    )

@@ -1,0 +1,84 @@
+"""The gateway's one typed configuration object; the only module that reads the environment."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Mapping
+
+ENV_PREFIX = "GATEWAY_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the gateway, with the default it runs with when the environment says nothing.
+
+    Each field `name` is read from the environment variable `GATEWAY_<NAME>` (upper case),
+    except `otlp_*` and `prometheus_multiproc_dir`, which keep the names their own
+    ecosystems (OpenTelemetry, prometheus_client) already use.
+    """
+
+    # --- HTTP server (gunicorn) ---
+    host: str = "127.0.0.1"  # interface gunicorn binds to
+    port: int = 8080  # gateway HTTP port
+    workers: int = 2  # gunicorn worker processes, each with its own Triton client
+    threads: int = 4  # threads per worker (gthread): requests mostly wait on Triton
+    worker_timeout_s: int = 60  # gunicorn kills a worker silent this long
+    graceful_timeout_s: int = 20  # in-flight requests get this long after SIGTERM
+    keepalive_s: int = 5  # idle keep-alive connections are closed after this
+
+    # --- Triton ---
+    triton_url: str = "127.0.0.1:8001"  # gRPC host:port of tritonserver
+    triton_timeout_s: float = 10.0  # deadline of one inference call (client_timeout)
+    triton_ready_timeout_s: float = 2.0  # deadline of the readiness probe behind /readyz
+    triton_reconnect_backoff_ms: int = 1000  # cap on gRPC reconnect backoff, so recovery is quick
+    model_name: str = "mask_detection"  # the ensemble the gateway calls
+    model_version: str = ""  # "" lets Triton pick its latest ready version
+    retry_after_s: int = 5  # Retry-After sent with 503 / 429
+
+    # --- input limits ---
+    max_body_bytes: int = 10 * 1024 * 1024  # one image upload (413 above)
+    max_batch_bytes: int = 50 * 1024 * 1024  # a whole /v1/detect/batch request (413 above)
+    max_batch_images: int = 16  # images in one batch request (422 above)
+    max_pixels: int = 40_000_000  # width x height read from the header before decoding (413 above)
+    max_side: int = 1280  # longer side is downscaled to this before inference; boxes are mapped back
+    batch_concurrency: int = 4  # images of one batch request in flight to Triton at once
+
+    # --- observability ---
+    service_name: str = "facemask-gateway"  # OpenTelemetry service.name
+    otlp_endpoint: str = ""  # OTEL_EXPORTER_OTLP_ENDPOINT; spans are exported only when set
+    otlp_protocol: str = "http/protobuf"  # OTEL_EXPORTER_OTLP_PROTOCOL: "http/protobuf" or "grpc"
+    prometheus_multiproc_dir: str = ""  # PROMETHEUS_MULTIPROC_DIR; set by gunicorn.conf.py when empty
+    log_level: str = "info"  # gunicorn and gateway log level
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        """Build settings from the environment (or `environ`), then apply explicit overrides."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for field in fields(cls):
+            raw = environ.get(env_name(field.name))
+            if raw is not None and raw != "":
+                values[field.name] = _coerce(field.name, field.type, raw)
+        return replace(cls(**values), **overrides)
+
+
+_FOREIGN_NAMES = {
+    "otlp_endpoint": "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "otlp_protocol": "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "prometheus_multiproc_dir": "PROMETHEUS_MULTIPROC_DIR",
+}
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable a field is read from (a launcher uses it to hand settings to children)."""
+    return _FOREIGN_NAMES.get(field_name, ENV_PREFIX + field_name.upper())
+
+
+def _coerce(name: str, type_name: str, raw: str):
+    """Turn an environment string into the field's type, naming the variable when it cannot."""
+    kind = {"int": int, "float": float, "str": str}[str(type_name)]
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{env_name(name)}={raw!r} is not a valid {kind.__name__}") from None
+

@@ -1,0 +1,144 @@
+"""One gRPC client to Triton per gateway worker process, and Triton's failures as typed gateway errors."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from gateway.errors import (ApiError, InferenceRejected, ModelNotReady, TritonOverloaded, TritonTimeout,
+                            TritonUnreachable, UpstreamError)
+from gateway.settings import Settings
+from gateway.tracing import triton_trace_headers
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ("BOXES", "SCORES", "LABELS", "LABEL_SCORES", "NUM_DETECTIONS")
+MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
+
+# Details gRPC gives when no connection could be made or it broke: Triton is down, not busy.
+TRANSPORT_FAILURE_HINTS = ("failed to connect", "connection refused", "socket closed", "connection reset",
+                           "connect failed", "unreachable", "dns resolution", "broken pipe", "end of tcp stream",
+                           "goaway", "keepalive watchdog")
+MODEL_MISSING_HINTS = ("unknown model", "no available versions", "is not ready", "not found")
+
+
+@dataclass(frozen=True)
+class ModelDetections:
+    """The ensemble's answer for one image, in pixels of the image that was sent."""
+
+    boxes: np.ndarray  # [N, 4] float32 x1 y1 x2 y2
+    scores: np.ndarray  # [N] float32 face confidence
+    labels: list[str]  # "mask" | "no_mask"
+    label_scores: np.ndarray  # [N] float32 probability of the label
+    model_version: str
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Triton's state as /readyz reports it."""
+
+    ready: bool
+    reachable: bool
+    reason: str
+
+
+def _status_name(error: InferenceServerException) -> str:
+    """"StatusCode.UNAVAILABLE" -> "UNAVAILABLE" ("" for errors raised by the client library itself)."""
+    return (error.status() or "").rsplit(".", 1)[-1]
+
+
+def translate_error(error: InferenceServerException, settings: Settings) -> ApiError:
+    """Classify a Triton/gRPC failure: down (503), model missing (503), busy (429), slow (504), refused (422)."""
+    status, detail = _status_name(error), (error.message() or "")
+    lowered = detail.lower()
+    if status == "DEADLINE_EXCEEDED":
+        return TritonTimeout(f"Triton did not answer within {settings.triton_timeout_s:g} s")
+    if status == "UNAVAILABLE" and any(hint in lowered for hint in TRANSPORT_FAILURE_HINTS):
+        return TritonUnreachable("the Triton inference server is unreachable; retry later")
+    if status == "NOT_FOUND" or any(hint in lowered for hint in MODEL_MISSING_HINTS):
+        return ModelNotReady(f"model {settings.model_name!r} is not ready on the Triton server; retry later")
+    if status in ("UNAVAILABLE", "RESOURCE_EXHAUSTED"):
+        return TritonOverloaded("the Triton inference server is busy (queue full or unavailable); retry later")
+    if status == "INVALID_ARGUMENT":
+        return InferenceRejected(f"Triton rejected the request: {detail}")
+    return UpstreamError("inference failed on the Triton server; see the gateway log for this request_id")
+
+
+def channel_args(settings: Settings) -> list[tuple[str, int]]:
+    """tritonclient's default channel options plus a short reconnect backoff, so a restarted Triton is found quickly."""
+    return [
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES),
+        ("grpc.initial_reconnect_backoff_ms", min(100, settings.triton_reconnect_backoff_ms)),
+        ("grpc.min_reconnect_backoff_ms", min(100, settings.triton_reconnect_backoff_ms)),
+        ("grpc.max_reconnect_backoff_ms", settings.triton_reconnect_backoff_ms),
+    ]
+
+
+class TritonDetector:
+    """Runs the `mask_detection` ensemble on one BGR image per call over a long-lived gRPC channel (thread-safe)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._client = grpcclient.InferenceServerClient(settings.triton_url, channel_args=channel_args(settings))
+
+    def detect(self, image_bgr: np.ndarray, parameters: dict | None = None) -> ModelDetections:
+        """Send one HxWx3 uint8 image (as a batch of 1) with optional threshold overrides."""
+        image = np.ascontiguousarray(image_bgr[np.newaxis])
+        request_input = grpcclient.InferInput("IMAGE", list(image.shape), "UINT8")
+        request_input.set_data_from_numpy(image)
+        try:
+            result = self._client.infer(
+                self.settings.model_name, [request_input], model_version=self.settings.model_version,
+                outputs=[grpcclient.InferRequestedOutput(name) for name in OUTPUTS],
+                client_timeout=self.settings.triton_timeout_s, headers=triton_trace_headers(),
+                parameters=parameters or None)
+        except InferenceServerException as error:
+            log.warning("triton infer failed: status=%s detail=%s", error.status(), error.message())
+            raise translate_error(error, self.settings) from None
+        count = int(result.as_numpy("NUM_DETECTIONS").reshape(-1)[0])
+        labels = result.as_numpy("LABELS").reshape(-1)[:count]
+        return ModelDetections(
+            boxes=result.as_numpy("BOXES").reshape(-1, 4)[:count],
+            scores=result.as_numpy("SCORES").reshape(-1)[:count],
+            labels=[label.decode() if isinstance(label, bytes) else str(label) for label in labels],
+            label_scores=result.as_numpy("LABEL_SCORES").reshape(-1)[:count],
+            model_version=result.get_response().model_version,
+        )
+
+    def readiness(self) -> Readiness:
+        """Whether Triton answers and the model is ready, with a reason a person can act on when not."""
+        timeout = self.settings.triton_ready_timeout_s
+        try:
+            if not self._client.is_server_live(client_timeout=timeout):
+                return Readiness(False, True, f"Triton at {self.settings.triton_url} is not live")
+            if not self._client.is_model_ready(self.settings.model_name, self.settings.model_version,
+                                               client_timeout=timeout):
+                return Readiness(False, True, f"model {self.settings.model_name!r} is not ready on Triton")
+        except InferenceServerException as error:
+            return Readiness(False, False, f"Triton at {self.settings.triton_url} is unreachable "
+                                    f"({_status_name(error) or 'error'}: {error.message()})")
+        return Readiness(True, True, "ok")
+
+    def close(self) -> None:
+        self._client.close()
+
+
+_worker_detectors: dict[tuple[int, str], TritonDetector] = {}
+
+
+def init_worker_detector(settings: Settings) -> TritonDetector:
+    """Create this worker process's client (gunicorn's post_fork): channels never cross a fork."""
+    detector = TritonDetector(settings)
+    _worker_detectors[(os.getpid(), settings.triton_url)] = detector
+    return detector
+
+
+def worker_detector(settings: Settings) -> TritonDetector:
+    """This process's client for `settings.triton_url`, created on first use where no post_fork hook ran."""
+    detector = _worker_detectors.get((os.getpid(), settings.triton_url))
+    return detector if detector is not None else init_worker_detector(settings)

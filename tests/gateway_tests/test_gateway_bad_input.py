@@ -1,0 +1,97 @@
+"""Bad uploads and parameters get the documented status and a JSON body naming the problem; workers survive."""
+import time
+
+import numpy as np
+import pytest
+
+from gateway_helpers import png_bomb_header
+
+pytestmark = pytest.mark.triton
+
+TEN_MIB = 10 * 1024 * 1024
+
+
+def post(http, url, data, content_type="image/jpeg", **params):
+    return http.post(url + "/v1/detect", data=data, headers={"Content-Type": content_type}, params=params,
+                     timeout=60)
+
+
+def assert_error(response, status, code, mentions=""):
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error", "request_id"} and body["request_id"] == response.headers["X-Request-ID"]
+    assert body["error"]["code"] == code
+    assert mentions.lower() in body["error"]["message"].lower()
+    assert "Traceback" not in response.text
+
+
+@pytest.fixture(autouse=True)
+def next_good_request_still_succeeds(gateway_url, http, hopper_jpeg):
+    """After every bad request, a good one is served: the worker neither crashed nor got stuck."""
+    yield
+    response = post(http, gateway_url, hopper_jpeg)
+    assert response.status_code == 200 and len(response.json()["detections"]) == 1
+
+
+def test_empty_body(gateway_url, http):
+    assert_error(post(http, gateway_url, b""), 400, "empty_body", "empty")
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/json", "image/gif", ""])
+def test_wrong_content_type(gateway_url, http, hopper_jpeg, content_type):
+    assert_error(post(http, gateway_url, hopper_jpeg, content_type), 415, "unsupported_media_type", "Content-Type")
+
+
+def test_multipart_without_image_field(gateway_url, http, hopper_jpeg):
+    response = http.post(gateway_url + "/v1/detect", files={"picture": ("a.jpg", hopper_jpeg, "image/jpeg")})
+    assert_error(response, 400, "missing_image", "'image'")
+
+
+def test_truncated_jpeg(gateway_url, http, hopper_jpeg):
+    assert_error(post(http, gateway_url, hopper_jpeg[: len(hopper_jpeg) // 2]), 400, "invalid_image", "truncated")
+
+
+def test_random_bytes(gateway_url, http):
+    noise = np.random.default_rng(1).integers(0, 256, 50_000, dtype=np.uint8).tobytes()
+    assert_error(post(http, gateway_url, noise), 400, "invalid_image")
+
+
+def test_oversized_body(gateway_url, http):
+    assert_error(post(http, gateway_url, b"\xff" * (TEN_MIB + 1)), 413, "payload_too_large", str(TEN_MIB))
+
+
+def test_oversized_multipart_image(gateway_url, http):
+    response = http.post(gateway_url + "/v1/detect", files={"image": ("big.jpg", b"\xff" * (TEN_MIB + 1))})
+    assert_error(response, 413, "payload_too_large")
+
+
+def test_pixel_bomb_is_refused_without_decoding(gateway_url, http):
+    started = time.perf_counter()
+    response = post(http, gateway_url, png_bomb_header(50_000, 50_000), "image/png")
+    assert_error(response, 413, "image_too_large", "50000x50000")
+    assert time.perf_counter() - started < 2.0
+
+
+@pytest.mark.parametrize("params, status, code, name", [
+    ({"confidence": "-0.5"}, 422, "parameter_out_of_range", "confidence"),
+    ({"confidence": "NaN"}, 422, "parameter_out_of_range", "confidence"),
+    ({"iou": "1.01"}, 422, "parameter_out_of_range", "iou"),
+    ({"max_faces": "0"}, 422, "parameter_out_of_range", "max_faces"),
+    ({"max_faces": "-3"}, 422, "parameter_out_of_range", "max_faces"),
+    ({"confidence": "high"}, 400, "invalid_parameter", "confidence"),
+    ({"iou": "0.5.1"}, 400, "invalid_parameter", "iou"),
+    ({"max_faces": "ten"}, 400, "invalid_parameter", "max_faces"),
+])
+def test_bad_parameters(gateway_url, http, hopper_jpeg, params, status, code, name):
+    assert_error(post(http, gateway_url, hopper_jpeg, **params), status, code, name)
+
+
+def test_batch_with_no_images_and_wrong_type(gateway_url, http, hopper_jpeg):
+    assert_error(http.post(gateway_url + "/v1/detect/batch", files={"other": ("a", b"x")}), 400, "missing_image")
+    assert_error(http.post(gateway_url + "/v1/detect/batch", data=hopper_jpeg,
+                           headers={"Content-Type": "image/jpeg"}), 415, "unsupported_media_type")
+
+
+def test_logs_carry_no_image_bytes(gateway_stack):
+    log = gateway_stack.gateway_log()
+    assert "JFIF" not in log and "\\xff\\xd8" not in log and "IHDR" not in log

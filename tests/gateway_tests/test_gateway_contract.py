@@ -1,0 +1,171 @@
+"""The live gateway (gunicorn + tritonserver) answers as documented and as the in-process reference does."""
+import cv2
+import numpy as np
+import pytest
+from openapi_schema_validator import OAS31Validator
+from openapi_spec_validator import validate as validate_spec
+
+from gateway.openapi import openapi_document
+from gateway_helpers import encode, jpeg_with_orientation, json_shape, matched_iou
+
+pytestmark = pytest.mark.triton
+
+MIN_IOU = 0.99
+
+
+def post_image(http, url, data, content_type="image/jpeg", **kwargs):
+    return http.post(url + "/v1/detect", data=data, headers={"Content-Type": content_type, **kwargs.pop(
+        "headers", {})}, timeout=60, **kwargs)
+
+
+def assert_matches_reference(body, expected, image_shape):
+    assert body["image"] == {"width": image_shape[1], "height": image_shape[0]}
+    boxes = [d["box"] for d in body["detections"]]
+    assert [d["label"] for d in body["detections"]] == list(expected.labels)
+    assert matched_iou(boxes, expected.boxes).min(initial=1.0) >= MIN_IOU
+    np.testing.assert_allclose([d["score"] for d in body["detections"]], expected.scores, atol=2e-3)
+    np.testing.assert_allclose([d["label_score"] for d in body["detections"]], expected.label_scores, atol=2e-3)
+
+
+@pytest.fixture(scope="module")
+def uploads(real_images, hopper_jpeg):
+    """Each real image as sent (hopper: its original JPEG; astronaut: lossless PNG) and its decoded pixels."""
+    astronaut_png = encode(real_images["astronaut"], ".png")
+    hopper_pixels = cv2.imdecode(np.frombuffer(hopper_jpeg, np.uint8), cv2.IMREAD_COLOR)
+    return {
+        "grace_hopper": (hopper_jpeg, "image/jpeg", hopper_pixels),
+        "astronaut": (astronaut_png, "image/png", real_images["astronaut"]),
+    }
+
+
+@pytest.mark.parametrize("name", ["grace_hopper", "astronaut"])
+def test_raw_body_matches_reference_pipeline(gateway_url, http, uploads, reference_pipeline, name):
+    data, content_type, pixels = uploads[name]
+    response = post_image(http, gateway_url, data, content_type)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert len(body["detections"]) >= 1
+    assert_matches_reference(body, reference_pipeline.detect(pixels), pixels.shape)
+    assert body["model"] == {"name": "mask_detection", "version": "1"}
+    assert body["request_id"] == response.headers["X-Request-ID"]
+    stages = dict(part.strip().split(";dur=") for part in response.headers["Server-Timing"].split(","))
+    assert set(stages) == {"decode", "inference", "total"}
+    assert float(stages["total"]) >= float(stages["inference"]) > 0
+
+
+@pytest.mark.parametrize("name", ["grace_hopper", "astronaut"])
+def test_multipart_matches_reference_pipeline(gateway_url, http, uploads, reference_pipeline, name):
+    data, content_type, pixels = uploads[name]
+    response = http.post(gateway_url + "/v1/detect", files={"image": (f"{name}.img", data, content_type)}, timeout=60)
+    assert response.status_code == 200, response.text
+    assert_matches_reference(response.json(), reference_pipeline.detect(pixels), pixels.shape)
+
+
+def test_thresholds_reach_triton(gateway_url, http, uploads):
+    data, content_type, _ = uploads["grace_hopper"]
+    strict = post_image(http, gateway_url, data, content_type, params={"confidence": "1"}).json()
+    assert strict["detections"] == []
+    loose = post_image(http, gateway_url, data, content_type, params={"confidence": "0.05", "max_faces": "3"})
+    assert 1 <= len(loose.json()["detections"]) <= 3
+
+
+def test_batch_matches_reference_in_request_order(gateway_url, http, uploads, reference_pipeline):
+    files = [("images", ("astronaut.png", uploads["astronaut"][0], "image/png")),
+             ("images", ("notes.txt", b"definitely not an image", "text/plain")),
+             ("images", ("grace_hopper.jpg", uploads["grace_hopper"][0], "image/jpeg"))]
+    response = http.post(gateway_url + "/v1/detect/batch", files=files, timeout=60)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["filename"] for r in results] == ["astronaut.png", "notes.txt", "grace_hopper.jpg"]
+    assert results[1]["error"]["code"] == "unsupported_media_type"
+    for result, name in ((results[0], "astronaut"), (results[2], "grace_hopper")):
+        pixels = uploads[name][2]
+        assert_matches_reference(result, reference_pipeline.detect(pixels), pixels.shape)
+
+
+def test_annotated_jpeg_has_the_original_size(gateway_url, http, uploads, artifacts_dir):
+    data, content_type, pixels = uploads["grace_hopper"]
+    response = post_image(http, gateway_url, data, content_type, headers={"Accept": "image/jpeg"})
+    assert response.status_code == 200 and response.headers["Content-Type"] == "image/jpeg"
+    annotated = cv2.imdecode(np.frombuffer(response.content, np.uint8), cv2.IMREAD_COLOR)
+    assert annotated.shape == pixels.shape
+    assert np.abs(annotated.astype(int) - pixels.astype(int)).mean() > 0.5  # something was drawn
+    (artifacts_dir / "gateway").mkdir(exist_ok=True)
+    (artifacts_dir / "gateway" / "annotated_grace_hopper.jpg").write_bytes(response.content)
+
+
+def test_exif_orientation_gives_boxes_in_displayed_coordinates(gateway_url, http, uploads, reference_pipeline):
+    upright = uploads["grace_hopper"][2]  # 512 wide, 600 high
+    stored = cv2.rotate(upright, cv2.ROTATE_90_COUNTERCLOCKWISE)  # what the sensor wrote: 600 wide, 512 high
+    data = jpeg_with_orientation(stored, 6)  # Orientation 6: rotate 90 degrees clockwise to display
+    displayed = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert displayed.shape == upright.shape
+    body = post_image(http, gateway_url, data).json()
+    assert_matches_reference(body, reference_pipeline.detect(displayed), upright.shape)
+    upright_boxes = reference_pipeline.detect(upright).boxes
+    assert matched_iou([d["box"] for d in body["detections"]], upright_boxes).min() >= 0.9
+
+
+def test_request_id_is_echoed_when_safe_and_replaced_when_not(gateway_url, http):
+    good = http.get(gateway_url + "/healthz", headers={"X-Request-ID": "trace-me.42"})
+    assert good.headers["X-Request-ID"] == "trace-me.42"
+    bad = http.get(gateway_url + "/healthz", headers={"X-Request-ID": "<script>"})
+    assert bad.headers["X-Request-ID"] != "<script>" and bad.headers["X-Request-ID"].isalnum()
+
+
+def test_probes_page_and_metrics(gateway_url, http):
+    assert http.get(gateway_url + "/healthz").json() == {"status": "ok"}
+    ready = http.get(gateway_url + "/readyz").json()
+    assert ready["status"] == "ready" and ready["model"] == "mask_detection"
+    page = http.get(gateway_url + "/")
+    assert page.status_code == 200 and "text/html" in page.headers["Content-Type"]
+    assert "http://" not in page.text and "https://" not in page.text  # self-contained: no CDN
+    metrics = http.get(gateway_url + "/metrics").text
+    assert 'gateway_http_request_duration_seconds_count{endpoint="api.detect",method="POST",status="200"}' in metrics
+    assert "gateway_http_request_duration_seconds_bucket" in metrics
+
+
+# --- the OpenAPI document ---
+
+def schema_validator(document, name):
+    return OAS31Validator({"$ref": f"#/components/schemas/{name}", "components": document["components"]})
+
+
+def documented_examples(document, path, status, media="application/json"):
+    response = document["paths"][path]["post" if path.startswith("/v1") else "get"]["responses"][status]
+    if "$ref" in response:
+        response = document["components"]["responses"][response["$ref"].rsplit("/", 1)[-1]]
+    return [example["value"] for example in response["content"][media]["examples"].values()]
+
+
+def test_openapi_document_is_valid_and_served(gateway_url, http):
+    document = openapi_document()
+    validate_spec(document)
+    assert http.get(gateway_url + "/openapi.json").json() == document
+    for name, example in [("DetectResponse", documented_examples(document, "/v1/detect", "200")[0]),
+                          ("BatchResponse", documented_examples(document, "/v1/detect/batch", "200")[0])]:
+        schema_validator(document, name).validate(example)
+
+
+def test_openapi_examples_match_live_responses(gateway_url, http, uploads):
+    document = openapi_document()
+    data, content_type, _ = uploads["grace_hopper"]
+    live = {
+        ("/v1/detect", "200"): post_image(http, gateway_url, data, content_type),
+        ("/v1/detect/batch", "200"): http.post(gateway_url + "/v1/detect/batch", timeout=60, files=[
+            ("images", ("grace_hopper.jpg", data, "image/jpeg")), ("images", ("notes.txt", b"text", "text/plain"))]),
+        ("/v1/detect", "400"): post_image(http, gateway_url, b"not an image"),
+        ("/v1/detect", "413"): post_image(http, gateway_url, b"\x00" * (10 * 1024 * 1024 + 1)),
+        ("/v1/detect", "415"): post_image(http, gateway_url, data, "text/plain"),
+        ("/v1/detect", "422"): post_image(http, gateway_url, data, content_type, params={"confidence": "-1"}),
+        ("/healthz", "200"): http.get(gateway_url + "/healthz"),
+        ("/readyz", "200"): http.get(gateway_url + "/readyz"),
+    }
+    schemas = {"200": {"/v1/detect": "DetectResponse", "/v1/detect/batch": "BatchResponse",
+                       "/healthz": "Health", "/readyz": "Ready"}}
+    for (path, status), response in live.items():
+        assert str(response.status_code) == status, (path, status, response.text)
+        body = response.json()
+        schema_validator(document, schemas.get(status, {}).get(path, "Error")).validate(body)
+        for example in documented_examples(document, path, status):
+            assert json_shape(example) == json_shape(body), (path, status)

@@ -1,0 +1,84 @@
+"""Decoding as displayed, header-only limits, and the downscale round trip, without Triton."""
+import time
+
+import numpy as np
+import pytest
+
+from gateway.errors import EmptyBody, ImageTooLarge, InvalidImage
+from gateway.imaging import boxes_to_original, check_pixel_count, decode_image, fit_within
+from gateway_helpers import encode, jpeg_with_orientation, png_bomb_header
+
+LIMIT = 40_000_000
+
+
+def left_bright(height=100, width=200) -> np.ndarray:
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:, : width // 4] = 255
+    return image
+
+
+def test_exif_orientation_is_applied():
+    stored = left_bright()  # 200 wide, 100 high, bright left quarter
+    decoded = decode_image(jpeg_with_orientation(stored, 6), LIMIT)  # 6: rotate 90 degrees clockwise to display
+    assert decoded.shape == (200, 100, 3)
+    assert decoded[:20].mean() > 200 and decoded[-20:].mean() < 50  # the bright left edge is now on top
+
+
+@pytest.mark.parametrize("make, ext", [
+    (lambda: np.full((30, 40), 128, np.uint8), ".png"),  # grayscale
+    (lambda: np.full((30, 40, 4), 200, np.uint8), ".png"),  # alpha
+    (lambda: np.full((30, 40, 3), 65535, np.uint16), ".png"),  # 16-bit
+    (lambda: np.full((30, 40), 40000, np.uint16), ".tiff"),  # 16-bit gray TIFF
+    (lambda: np.full((30, 40, 3), 90, np.uint8), ".webp"),
+    (lambda: np.full((30, 40, 3), 90, np.uint8), ".bmp"),
+])
+def test_every_accepted_kind_becomes_8bit_bgr(make, ext):
+    decoded = decode_image(encode(make(), ext), LIMIT)
+    assert decoded.shape == (30, 40, 3) and decoded.dtype == np.uint8
+
+
+def test_pixel_bomb_is_refused_from_its_header_alone():
+    bomb = png_bomb_header(50_000, 50_000)
+    assert len(bomb) < 100
+    started = time.perf_counter()
+    with pytest.raises(ImageTooLarge, match="50000x50000"):
+        decode_image(bomb, LIMIT)
+    assert time.perf_counter() - started < 0.5  # parsing a header, not allocating 7.5 GB
+
+
+def test_pixel_limit_is_inclusive():
+    assert check_pixel_count(png_bomb_header(8000, 5000), LIMIT) == (8000, 5000)
+    with pytest.raises(ImageTooLarge):
+        check_pixel_count(png_bomb_header(8001, 5000), LIMIT)
+
+
+@pytest.mark.parametrize("data, error", [
+    (b"", EmptyBody),
+    (b"this is not an image at all" * 10, InvalidImage),
+    (np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(), InvalidImage),
+])
+def test_garbage_is_refused(data, error):
+    with pytest.raises(error):
+        decode_image(data, LIMIT)
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png", ".webp"])
+def test_truncated_images_are_refused(real_images, ext):
+    data = encode(real_images["grace_hopper"], ext)
+    with pytest.raises(InvalidImage):
+        decode_image(data[: len(data) * 2 // 3], LIMIT)
+
+
+def test_small_images_are_sent_untouched():
+    image = np.zeros((600, 512, 3), np.uint8)
+    scaled = fit_within(image, 1280)
+    assert scaled.pixels is image and not scaled.was_resized
+
+
+def test_downscaled_boxes_map_back_to_the_original():
+    image = np.zeros((1500, 4000, 3), np.uint8)
+    scaled = fit_within(image, 1280)
+    assert scaled.pixels.shape == (480, 1280, 3)
+    box_in_sent = np.array([[128.0, 48.0, 256.0, 480.0]])
+    mapped = boxes_to_original(box_in_sent, scaled, 4000, 1500)
+    np.testing.assert_allclose(mapped, [[400.0, 150.0, 800.0, 1500.0]])

@@ -1,0 +1,62 @@
+"""Triton going away and coming back on the same ports: 503 + Retry-After meanwhile, recovery without a restart."""
+import time
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.triton
+
+RECOVERY_TIMEOUT_S = 30
+
+
+# Module-level requests calls open a new connection each time, so both gunicorn workers get some of them.
+def detect(url, data):
+    return requests.post(url + "/v1/detect", data=data, headers={"Content-Type": "image/jpeg"}, timeout=60)
+
+
+def ready(url):
+    return requests.get(url + "/readyz", timeout=10)
+
+
+def test_gateway_reports_outage_and_recovers(gateway_stack, hopper_jpeg):
+    url = gateway_stack.url
+    assert detect(url, hopper_jpeg).status_code == 200
+    gunicorn_pid = gateway_stack.gunicorn.pid
+
+    stopped = gateway_stack.stop_triton()
+    try:
+        for _ in range(4):
+            down = detect(url, hopper_jpeg)
+            assert down.status_code == 503, down.text
+            assert down.json()["error"]["code"] == "triton_unreachable"
+            assert int(down.headers["Retry-After"]) > 0
+            not_ready = ready(url)
+            assert not_ready.status_code == 503 and not_ready.json()["error"]["code"] == "triton_unreachable"
+            assert int(not_ready.headers["Retry-After"]) > 0
+        assert requests.get(url + "/healthz", timeout=10).status_code == 200  # alive: nothing to restart
+    finally:
+        gateway_stack.start_triton(same_ports_as=stopped)
+
+    started, consecutive = time.monotonic(), 0
+    while consecutive < 6:  # several in a row, so every worker has found Triton again
+        consecutive = consecutive + 1 if ready(url).status_code == 200 else 0
+        assert time.monotonic() - started < RECOVERY_TIMEOUT_S, "gateway did not see Triton come back"
+        time.sleep(0.1)
+    for _ in range(4):
+        assert detect(url, hopper_jpeg).status_code == 200
+    assert gateway_stack.gunicorn.pid == gunicorn_pid and gateway_stack.gunicorn.poll() is None
+
+
+def test_a_missed_deadline_is_a_timeout(gateway_stack, real_images):
+    """The per-request deadline (GATEWAY_TRITON_TIMEOUT_S) against the real Triton: 504, not a hang."""
+    from gateway.errors import TritonTimeout, status_of
+    from gateway.settings import Settings
+    from gateway.triton_client import TritonDetector
+
+    detector = TritonDetector(Settings(triton_url=gateway_stack.triton.grpc_url, triton_timeout_s=0.001))
+    try:
+        with pytest.raises(TritonTimeout) as caught:
+            detector.detect(real_images["grace_hopper"])
+        assert status_of(caught.value) == 504
+    finally:
+        detector.close()

@@ -1,0 +1,96 @@
+"""Triton failures map to the documented statuses, and trace context reaches Triton only when sampled."""
+import math
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
+from tritonclient.utils import InferenceServerException
+
+from gateway.errors import (InferenceRejected, InvalidParameter, ModelNotReady, ParameterOutOfRange,
+                            TritonOverloaded, TritonTimeout, TritonUnreachable, UpstreamError, status_of)
+from gateway.params import parse_detect_params
+from gateway.request_id import request_id_from
+from gateway.settings import Settings
+from gateway.tracing import triton_trace_headers
+from gateway.triton_client import translate_error
+
+
+@pytest.mark.parametrize("status, message, expected, http_status", [
+    ("StatusCode.UNAVAILABLE", "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:8001: "
+     "Failed to connect to remote host: Connection refused", TritonUnreachable, 503),
+    ("StatusCode.UNAVAILABLE", "Socket closed", TritonUnreachable, 503),
+    ("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded", TritonTimeout, 504),
+    ("StatusCode.UNAVAILABLE", "Exceeds maximum queue size", TritonOverloaded, 429),
+    ("StatusCode.RESOURCE_EXHAUSTED", "too many requests", TritonOverloaded, 429),
+    ("StatusCode.NOT_FOUND", "Request for unknown model: 'mask_detection' is not found", ModelNotReady, 503),
+    ("StatusCode.UNAVAILABLE", "Request for unknown model: 'mask_detection' has no available versions",
+     ModelNotReady, 503),
+    ("StatusCode.INVALID_ARGUMENT", "unexpected shape for input 'IMAGE'", InferenceRejected, 422),
+    ("StatusCode.INTERNAL", "TritonModelException: boom", UpstreamError, 502),
+    (None, "client-side validation failed", UpstreamError, 502),
+])
+def test_triton_errors_translate_to_documented_statuses(status, message, expected, http_status):
+    error = translate_error(InferenceServerException(msg=message, status=status), Settings())
+    assert type(error) is expected
+    assert status_of(error) == http_status
+    assert "Traceback" not in error.message
+
+
+def _headers_inside_span(sampler):
+    tracer = TracerProvider(sampler=sampler).get_tracer("test")
+    with tracer.start_as_current_span("request") as span:
+        return triton_trace_headers(), span.get_span_context()
+
+
+def test_sampled_spans_send_their_traceparent_to_triton():
+    headers, context = _headers_inside_span(ALWAYS_ON)
+    version, trace_id, span_id, flags = headers["traceparent"].split("-")
+    assert (version, trace_id, span_id) == ("00", f"{context.trace_id:032x}", f"{context.span_id:016x}")
+    assert int(flags, 16) & 0x01  # sampled
+
+
+def test_sampled_out_spans_send_no_trace_context():
+    headers, _ = _headers_inside_span(ALWAYS_OFF)
+    assert headers is None
+    assert triton_trace_headers() is None  # and none outside any span
+
+
+@pytest.mark.parametrize("query, error", [
+    ({"confidence": "-0.5"}, ParameterOutOfRange),
+    ({"confidence": "0"}, ParameterOutOfRange),
+    ({"confidence": "1.5"}, ParameterOutOfRange),
+    ({"confidence": "nan"}, ParameterOutOfRange),
+    ({"iou": "inf"}, ParameterOutOfRange),
+    ({"confidence": "high"}, InvalidParameter),
+    ({"iou": ""}, InvalidParameter),
+    ({"max_faces": "0"}, ParameterOutOfRange),
+    ({"max_faces": "2.5"}, InvalidParameter),
+    ({"max_faces": "many"}, InvalidParameter),
+])
+def test_bad_parameters_are_named(query, error):
+    with pytest.raises(error, match=next(iter(query))):
+        parse_detect_params(query)
+
+
+def test_parameters_reach_triton_as_types_its_python_backend_accepts():
+    params = parse_detect_params({"confidence": "0.7", "iou": "1", "max_faces": "3"})
+    sent = params.triton_parameters()
+    assert sent == {"confidence": "0.7", "iou": "1.0", "max_faces": 3}
+    assert math.isclose(float(sent["confidence"]), 0.7)
+    assert parse_detect_params({}).triton_parameters() == {}
+
+
+@pytest.mark.parametrize("sent, echoed", [
+    ("client-42.a:b_c", True),
+    ("x" * 128, True),
+    ("x" * 129, False),
+    ("bad id", False),
+    ("inject\r\nX-Evil: 1", False),
+    ("-leading-dash", False),
+    ("", False),
+    (None, False),
+])
+def test_request_ids_are_echoed_only_when_safe(sent, echoed):
+    got = request_id_from(sent)
+    assert (got == sent) is echoed
+    assert 1 <= len(got) <= 128
