@@ -82,13 +82,15 @@ def detect_faces(loc: Array, conf: Array, priors: Priors, image_hw: tuple[int, i
     scores = conf[:, 1]
     candidates = xp.nonzero(scores > params.confidence)[0]
     boxes = decode_boxes(loc[candidates], priors.take(candidates))
-    boxes = boxes * xp.asarray([width, height, width, height], dtype=boxes.dtype)
-    scores = scores[candidates]
-    big_enough = xp.min(boxes[:, 2:] - boxes[:, :2], axis=1) >= params.min_face_size
-    boxes, scores = boxes[big_enough], scores[big_enough]
-    keep = nms(boxes, scores, params.iou, params.pre_nms_top_k)[:params.max_faces]
     limits = xp.asarray([width, height, width, height], dtype=boxes.dtype)
-    return xp.clip(boxes[keep], 0, limits), scores[keep]
+    boxes, scores = boxes * limits, scores[candidates]
+    # Sizes are judged on what lies inside the image; NMS sees unclipped boxes, as Caffe's does.
+    inside = xp.clip(boxes, 0, limits)
+    visible = xp.min(inside[:, 2:] - inside[:, :2], axis=1)
+    kept = (visible > 0) & (visible >= params.min_face_size)
+    boxes, inside, scores = boxes[kept], inside[kept], scores[kept]
+    keep = nms(boxes, scores, params.iou, params.pre_nms_top_k)[:params.max_faces]
+    return inside[keep], scores[keep]
 
 
 def label_faces(probabilities: np.ndarray, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -34,3 +34,13 @@ def artifacts_dir() -> Path:
     """Where tests leave files for a person to look at (git-ignored)."""
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def triton_server(model_repository, tmp_path_factory):
+    """One real tritonserver (pytriton's CPU build, free ports) serving the canonical repository for the session."""
+    from ensemble.triton.launcher import TritonServer
+
+    log_file = tmp_path_factory.mktemp("tritonserver") / "tritonserver.log"
+    with TritonServer(model_repository, log_file=log_file) as server:
+        yield server

@@ -90,6 +90,14 @@ def test_detect_faces_applies_confidence_max_faces_and_min_size():
     assert len(detect_faces(loc, conf, priors, (100, 100), params.override({"min_face_size": 0}))[0]) == 3
 
 
+def test_boxes_outside_the_image_are_dropped_even_without_a_minimum_size():
+    params = DetectionParams.from_config(DEFAULTS).override({"min_face_size": 0})
+    loc, conf, priors = synthetic_heads([[1.1, 0.2, 1.3, 0.4], [0.2, -0.5, 0.4, -0.1], [0.9, 0.9, 1.1, 1.1]],
+                                        [0.9, 0.9, 0.9])
+    boxes, _ = detect_faces(loc, conf, priors, (100, 100), params)
+    np.testing.assert_allclose(boxes, [[90, 90, 100, 100]], rtol=1e-5)
+
+
 def test_detect_faces_with_no_candidate_returns_empty_arrays():
     params = DetectionParams.from_config(DEFAULTS)
     loc, conf, priors = synthetic_heads([[0.1, 0.1, 0.3, 0.3]], [0.2])

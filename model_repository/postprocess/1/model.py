@@ -1,0 +1,112 @@
+"""Triton adapter: raw SSD heads -> faces -> one batched BLS call to the mask classifier per request.
+
+The numerics live in ensemble/postprocess.py; this file only moves tensors in and out of Triton.
+"""
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from ensemble.layouts import CLASSIFIER_INPUT, CLASSIFIER_OUTPUT
+from ensemble.postprocess import DetectionParams, detect_faces, label_faces
+from ensemble.preprocess import classifier_batch
+from ensemble.ssd import load_priors, to_host
+from ensemble.triton import pb
+from ensemble.triton.config import load_config
+
+
+class TritonPythonModel:
+    """Decode + NMS per image, then classify every face of the request in as few BLS calls as the batch size allows."""
+
+    def initialize(self, args):
+        model_dir = Path(args["model_repository"])
+        parameters = pb.config_parameters(pb.model_config(args))
+        self._params = DetectionParams.from_config(parameters)
+        self._labels = tuple(parameters["labels"].split(","))
+        self._classifier = parameters["classifier_model"]
+        self._priors = load_priors(model_dir / parameters["priors_file"])
+        self._device_priors = None  # the priors as CuPy arrays, made when heads first arrive on the GPU
+        self._chunk = load_config(model_dir.parent / self._classifier).max_batch_size
+        if self._chunk < 1:
+            raise ValueError(f"{self._classifier} must batch (max_batch_size >= 1) to take all faces in one call")
+
+    def execute(self, requests):
+        return pb.respond_each(requests, self._detect)
+
+    def _detect(self, request):
+        params = self._params.override(pb.request_parameters(request))
+        locs, confs, priors = self._heads(request)
+        images = _host(pb_utils.get_input_tensor_by_name(request, "IMAGE"))
+        faces = [detect_faces(loc, conf, priors, image.shape[:2], params)
+                 for loc, conf, image in zip(locs, confs, images)]
+        boxes = [to_host(found).astype(np.float32) for found, _ in faces]
+        scores = [to_host(score).astype(np.float32) for _, score in faces]
+        crops = [classifier_batch(image, image_boxes) for image, image_boxes in zip(images, boxes)]
+        labels, label_scores = label_faces(self._classify(np.concatenate(crops), request), self._labels)
+        counts = [len(image_boxes) for image_boxes in boxes]
+        encoded = np.array([label.encode() for label in labels], dtype=object)
+        return _padded(boxes, scores, encoded, label_scores, counts)
+
+    def _heads(self, request):
+        """LOC, CONF and the priors where the detector left the heads: numpy on the CPU, CuPy (DLPack) on the GPU."""
+        loc, conf = (pb_utils.get_input_tensor_by_name(request, name) for name in ("LOC", "CONF"))
+        if loc.is_cpu() and conf.is_cpu():
+            return loc.as_numpy(), conf.as_numpy(), self._priors
+        cupy = _cupy("LOC/CONF")
+        if self._device_priors is None:
+            self._device_priors = self._priors.on(cupy)
+        return _on_device(cupy, loc), _on_device(cupy, conf), self._device_priors
+
+    def _classify(self, crops, request):
+        """Class probabilities of all crops: one BLS call per classifier batch, traced under this request."""
+        probabilities = [np.zeros((0, len(self._labels)), np.float32)]
+        for start in range(0, len(crops), self._chunk):
+            call = pb_utils.InferenceRequest(
+                model_name=self._classifier, requested_output_names=[CLASSIFIER_OUTPUT],
+                inputs=[pb_utils.Tensor(CLASSIFIER_INPUT.tensor, crops[start:start + self._chunk])],
+                trace=request.trace(), parameters=pb.bls_parameters(request),
+                preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU))
+            response = call.exec()
+            if response.has_error():
+                raise RuntimeError(f"{self._classifier}: {response.error().message()}")
+            probabilities.append(pb_utils.get_output_tensor_by_name(response, CLASSIFIER_OUTPUT).as_numpy())
+        return np.concatenate(probabilities)
+
+
+def _host(tensor) -> np.ndarray:
+    """A numpy copy of a tensor, wherever it arrived."""
+    return tensor.as_numpy() if tensor.is_cpu() else _cupy(tensor.name()).from_dlpack(tensor.to_dlpack()).get()
+
+
+def _on_device(cupy, tensor):
+    """A tensor as a CuPy array: zero-copy from GPU memory, copied up from host memory."""
+    return cupy.asarray(tensor.as_numpy()) if tensor.is_cpu() else cupy.from_dlpack(tensor.to_dlpack())
+
+
+def _cupy(name: str):
+    """CuPy, needed only when a tensor arrives in GPU memory (FORCE_CPU_ONLY_INPUT_TENSORS is "no")."""
+    try:
+        import cupy
+    except ImportError as exc:
+        raise RuntimeError(f"{name} arrived in GPU memory but CuPy is not installed; install it or set "
+                           "FORCE_CPU_ONLY_INPUT_TENSORS to \"yes\" in config.pbtxt") from exc
+    return cupy
+
+
+def _padded(boxes, scores, labels, label_scores, counts) -> dict[str, np.ndarray]:
+    """Per-image results as [B, N, ...] arrays padded to the largest face count N (zero faces: N = 0)."""
+    batch, width = len(counts), max(counts, default=0)
+    outputs = {
+        "BOXES": np.zeros((batch, width, 4), np.float32),
+        "SCORES": np.zeros((batch, width), np.float32),
+        "LABELS": np.full((batch, width), b"", dtype=object),
+        "LABEL_SCORES": np.zeros((batch, width), np.float32),
+        "NUM_DETECTIONS": np.asarray(counts, np.int32).reshape(batch, 1),
+    }
+    bounds = np.cumsum([0, *counts])
+    for row, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+        outputs["BOXES"][row, :stop - start] = boxes[row]
+        outputs["SCORES"][row, :stop - start] = scores[row]
+        outputs["LABELS"][row, :stop - start] = labels[start:stop]
+        outputs["LABEL_SCORES"][row, :stop - start] = label_scores[start:stop]
+    return outputs

@@ -1,0 +1,24 @@
+"""Triton adapter: decoded BGR images -> face-detector input blobs; the numerics live in ensemble/preprocess.py."""
+from ensemble.layouts import DETECTOR_INPUT
+from ensemble.preprocess import detector_blobs
+from ensemble.triton import pb
+
+
+class TritonPythonModel:
+    """One blob per image of each request."""
+
+    def initialize(self, args):
+        config = pb.model_config(args)
+        (image,), (blob,) = config["input"], config["output"]
+        dims = tuple(int(dim) for dim in blob["dims"])
+        if dims != DETECTOR_INPUT.dims:
+            raise ValueError(f"config.pbtxt declares {blob['name']} dims {dims}, but ensemble/layouts.py makes "
+                             f"the detector input {DETECTOR_INPUT.dims}")
+        self._image, self._blob = image["name"], blob["name"]
+
+    def execute(self, requests):
+        return pb.respond_each(requests, self._blobs)
+
+    def _blobs(self, request):
+        images = pb.input_array(request, self._image)  # [B, H, W, 3] uint8: one request's images share a size
+        return {self._blob: detector_blobs(list(images))}

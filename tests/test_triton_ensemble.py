@@ -1,0 +1,137 @@
+"""The mask_detection ensemble in a real tritonserver equals the in-process reference pipeline."""
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from ensemble.reference import Detections
+from ensemble.sample_images import image_variants, real_images
+from ensemble.ssd import pairwise_iou
+
+pytestmark = pytest.mark.triton
+
+MODEL = "mask_detection"
+IMAGES = {**real_images(), **image_variants(real_images())}
+NO_FACE = np.full((240, 320, 3), 40, np.uint8)
+MIN_IOU, SCORE_TOLERANCE = 0.99, 1e-3
+
+
+@pytest.fixture(scope="module")
+def client(triton_server):
+    with grpcclient.InferenceServerClient(triton_server.grpc_url) as client:
+        yield client
+
+
+def image_input(batch: np.ndarray, datatype: str = "UINT8") -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput("IMAGE", list(batch.shape), datatype)
+    tensor.set_data_from_numpy(batch)
+    return tensor
+
+
+def detect(client, images: list[np.ndarray], parameters=None) -> list[Detections]:
+    """One request carrying `images` (same size), split back into per-image detections."""
+    result = client.infer(MODEL, [image_input(np.stack(images))], parameters=parameters)
+    counts = result.as_numpy("NUM_DETECTIONS")[:, 0]
+    boxes, scores = result.as_numpy("BOXES"), result.as_numpy("SCORES")
+    labels, label_scores = result.as_numpy("LABELS"), result.as_numpy("LABEL_SCORES")
+    return [Detections(boxes[i, :n], scores[i, :n], np.array([label.decode() for label in labels[i, :n]], object),
+                       label_scores[i, :n]) for i, n in enumerate(counts)]
+
+
+def box_agreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU, except that identical boxes agree fully even when clipping left them with zero area."""
+    identical = np.abs(a[:, None, :] - b[None, :, :]).max(axis=-1) < 1e-3
+    return np.where(identical, 1.0, pairwise_iou(a, b))
+
+
+def assert_same(served: Detections, reference: Detections) -> None:
+    """Same faces, matched by best IoU: faces whose scores tie to float rounding may come in either order."""
+    assert len(served) == len(reference)
+    if len(reference):
+        overlaps = box_agreement(reference.boxes, served.boxes)
+        match = overlaps.argmax(axis=1)
+        assert sorted(match) == list(range(len(served))), "faces do not pair up one to one"
+        assert overlaps[np.arange(len(match)), match].min() >= MIN_IOU
+        served = Detections(*(field[match] for field in (served.boxes, served.scores, served.labels,
+                                                          served.label_scores)))
+    assert list(served.labels) == list(reference.labels)
+    np.testing.assert_allclose(served.scores, reference.scores, atol=SCORE_TOLERANCE)
+    np.testing.assert_allclose(served.label_scores, reference.label_scores, atol=SCORE_TOLERANCE)
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_equals_reference_pipeline(name, client, reference_pipeline):
+    (served,) = detect(client, [IMAGES[name]])
+    assert_same(served, reference_pipeline.detect(IMAGES[name]))
+
+
+@pytest.mark.parametrize("name", ["grace_hopper", "grace_hopper/high_contrast"])
+def test_request_parameters_override_config_thresholds(name, client, reference_pipeline):
+    """At confidence 0.1 the high-contrast variant keeps max_faces (50) faces: four classifier chunks of 16."""
+    image = IMAGES[name]
+    served = {c: detect(client, [image], parameters={"confidence": c})[0] for c in (0.1, 0.99)}
+    for confidence, detections in served.items():
+        assert_same(detections, reference_pipeline.detect(image, reference_pipeline.params.override(
+            {"confidence": confidence})))
+    assert len(served[0.1]) > len(served[0.99]) >= 1
+
+
+def test_faces_of_a_request_reach_the_classifier_in_batches_of_its_max_batch_size(client):
+    before = client.get_inference_statistics("mask_classifier").model_stats[0]
+    (served,) = detect(client, [IMAGES["grace_hopper"]], parameters={"confidence": 0.1})
+    after = client.get_inference_statistics("mask_classifier").model_stats[0]
+    chunk = client.get_model_config("mask_classifier").config.max_batch_size
+    assert len(served) > chunk
+    assert after.inference_count - before.inference_count == len(served)
+    assert after.execution_count - before.execution_count == -(-len(served) // chunk)
+
+
+def test_batch_of_images_is_padded_to_the_most_faces(client, reference_pipeline):
+    hopper = IMAGES["grace_hopper"]
+    images = [hopper, np.full_like(hopper, 40), IMAGES["grace_hopper/hflip"]]
+    result = client.infer(MODEL, [image_input(np.stack(images))], parameters={"confidence": 0.2})
+    counts = result.as_numpy("NUM_DETECTIONS")[:, 0]
+    assert counts[1] == 0 and result.as_numpy("BOXES").shape == (3, counts.max(), 4)
+    assert not result.as_numpy("SCORES")[1].any() and set(result.as_numpy("LABELS")[1]) == {b""}
+    params = reference_pipeline.params.override({"confidence": 0.2})
+    for served, image in zip(detect(client, images, parameters={"confidence": 0.2}), images):
+        assert_same(served, reference_pipeline.detect(image, params))
+
+
+def test_concurrent_requests_of_mixed_sizes(client, reference_pipeline):
+    names = sorted(IMAGES, key=lambda name: IMAGES[name].shape)[::2][:16]
+    assert len({IMAGES[name].shape for name in names}) > 4
+    with ThreadPoolExecutor(len(names)) as pool:
+        served = list(pool.map(lambda name: detect(client, [IMAGES[name]])[0], names))
+    for name, detections in zip(names, served):
+        assert_same(detections, reference_pipeline.detect(IMAGES[name]))
+
+
+def test_image_without_faces_gives_empty_outputs(client):
+    result = client.infer(MODEL, [image_input(NO_FACE[None])])
+    shapes = {name: result.as_numpy(name).shape for name in ("BOXES", "SCORES", "LABELS", "LABEL_SCORES")}
+    assert shapes == {"BOXES": (1, 0, 4), "SCORES": (1, 0), "LABELS": (1, 0), "LABEL_SCORES": (1, 0)}
+    assert result.as_numpy("NUM_DETECTIONS").tolist() == [[0]]
+
+
+@pytest.mark.parametrize("bad_input", [
+    image_input(NO_FACE[None].astype(np.float32), "FP32"),      # wrong dtype
+    image_input(NO_FACE[None, :, :, 0]),                         # no channel axis
+    image_input(np.zeros((1, 64, 64, 4), np.uint8)),             # four channels
+], ids=["float32", "grayscale_2d", "bgra"])
+def test_malformed_input_is_rejected_and_server_stays_healthy(bad_input, client):
+    with pytest.raises(InferenceServerException):
+        client.infer(MODEL, [bad_input])
+    assert client.is_server_ready()
+    assert detect(client, [IMAGES["astronaut"]])[0].labels.size == 1
+
+
+@pytest.mark.parametrize("parameters", [{"confidence": 2.0}, {"max_faces": "many"}, {"iou": 0}])
+def test_bad_parameter_value_is_the_callers_error(parameters, client):
+    with pytest.raises(InferenceServerException) as error:
+        client.infer(MODEL, [image_input(IMAGES["astronaut"][None])], parameters=parameters)
+    assert next(iter(parameters)) in error.value.message()
+    assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert client.is_server_ready()

@@ -1,0 +1,59 @@
+"""The canonical repository's configs agree with each other and with ensemble/layouts.py."""
+import pytest
+
+from ensemble import layouts
+from ensemble.reference import DEFAULT_REPOSITORY
+from ensemble.triton.config import load_config, string_parameters
+
+CONFIGS = {path.parent.name: load_config(path) for path in DEFAULT_REPOSITORY.glob("*/config.pbtxt")}
+ENSEMBLE = CONFIGS["mask_detection"]
+
+
+def tensors(config, kind):
+    return {tensor.name: (tensor.data_type, list(tensor.dims)) for tensor in getattr(config, kind)}
+
+
+def test_directory_names_are_model_names():
+    assert {name: config.name for name, config in CONFIGS.items()} == {name: name for name in CONFIGS}
+
+
+def test_ensemble_steps_connect_with_matching_types_and_dims():
+    """Every step input is an ensemble input or an earlier step's output of the same type and shape."""
+    available = tensors(ENSEMBLE, "input")
+    for step in ENSEMBLE.ensemble_scheduling.step:
+        model = CONFIGS[step.model_name]
+        inputs, outputs = tensors(model, "input"), tensors(model, "output")
+        assert set(step.input_map) == set(inputs), step.model_name
+        for model_input, ensemble_tensor in step.input_map.items():
+            assert available[ensemble_tensor] == inputs[model_input], (step.model_name, model_input)
+        for model_output, ensemble_tensor in step.output_map.items():
+            available[ensemble_tensor] = outputs[model_output]
+    for name, spec in tensors(ENSEMBLE, "output").items():
+        assert available[name] == spec, name
+
+
+def test_every_step_takes_the_ensemble_batch():
+    for step in ENSEMBLE.ensemble_scheduling.step:
+        assert CONFIGS[step.model_name].max_batch_size >= ENSEMBLE.max_batch_size, step.model_name
+
+
+@pytest.mark.parametrize(("model", "layout"), [("face_detector", layouts.DETECTOR_INPUT),
+                                               ("mask_classifier", layouts.CLASSIFIER_INPUT)])
+def test_model_inputs_follow_layouts(model, layout):
+    assert tensors(CONFIGS[model], "input") == {layout.tensor: (CONFIGS[model].input[0].data_type, list(layout.dims))}
+
+
+def test_detector_outputs_and_preprocess_blob_follow_layouts():
+    assert list(tensors(CONFIGS["face_detector"], "output")) == list(layouts.DETECTOR_OUTPUTS)
+    assert tensors(CONFIGS["preprocess"], "output")["BLOB"][1] == list(layouts.DETECTOR_INPUT.dims)
+
+
+def test_postprocess_parameters_name_the_classifier_its_labels_and_priors():
+    parameters = string_parameters(CONFIGS["postprocess"])
+    classifier = CONFIGS[parameters["classifier_model"]]
+    assert [output.name for output in classifier.output] == [layouts.CLASSIFIER_OUTPUT]
+    assert tuple(parameters["labels"].split(",")) == layouts.CLASSIFIER_LABELS
+    labels_file = DEFAULT_REPOSITORY / classifier.name / classifier.output[0].label_filename
+    assert tuple(labels_file.read_text().split()) == layouts.CLASSIFIER_LABELS
+    assert (DEFAULT_REPOSITORY / "postprocess" / parameters["priors_file"]).resolve().parent == \
+        (DEFAULT_REPOSITORY / "face_detector" / "1").resolve()
