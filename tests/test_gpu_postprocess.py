@@ -5,7 +5,7 @@ Runs where CuPy and a CUDA device exist (the GPU device machine); skips cleanly 
 import numpy as np
 import pytest
 
-from ensemble.postprocess import DetectionParams, detect_faces
+from ensemble.postprocess import detect_faces
 from ensemble.ssd import to_host
 
 cupy = pytest.importorskip("cupy")
