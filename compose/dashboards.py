@@ -43,6 +43,11 @@ TRITON_CPU_METRICS = ("nv_cpu_utilization", "nv_cpu_memory_used_bytes", "nv_cpu_
 # Only where Triton sees a GPU (label gpu_uuid); names as in the 2.51 binary, absent on a CPU-only server.
 TRITON_GPU_METRICS = ("nv_gpu_utilization", "nv_gpu_memory_used_bytes", "nv_gpu_memory_total_bytes",
                       "nv_gpu_power_usage")
+# Panels that show only GPU series and so stay empty ("No data") on a CPU-only Triton, by dashboard file stem
+# and panel id. Every other panel must show data once the stack has served some traffic
+# (tests/observability_tests/test_dashboards_live.py); tests/test_dashboards_static.py checks that these are
+# exactly the panels reading nothing but TRITON_GPU_METRICS.
+GPU_ONLY_PANELS = {"triton": frozenset({10, 11, 12})}
 # Series Prometheus itself attaches to every target.
 PROMETHEUS_SYNTHETIC = ("up",)
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
@@ -69,6 +74,11 @@ class PanelQuery:
     ref_id: str  # target refId; "var:<name>" for a template variable's selector
     expr: str  # PromQL with Grafana variables substituted
     raw_expr: str  # as written in the dashboard
+
+    @property
+    def gpu_only(self) -> bool:
+        """Marked in GPU_ONLY_PANELS: empty on a CPU-only Triton by design."""
+        return self.panel_id in GPU_ONLY_PANELS.get(self.dashboard, frozenset())
 
 
 def load_dashboards(directory: Path = DASHBOARD_DIR) -> dict[str, dict]:

@@ -135,12 +135,19 @@ class PrometheusServer:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
 
+    # Endpoints that take their (possibly long) parameters as a POST form; the others answer GET only.
+    POST_ENDPOINTS = frozenset({"query", "query_range", "query_exemplars", "series", "labels"})
+
     def api(self, path: str, params: Mapping[str, str] | None = None) -> dict:
-        """GET /api/v1/<path>; returns `data`, raises PrometheusError (with errorType) on an error answer."""
+        """/api/v1/<path> (POST form for queries, GET otherwise); returns `data`, raises PrometheusError
+        (with errorType) on an error answer."""
         url = f"{self.url}/api/v1/{path}"
-        body = urllib.parse.urlencode(params or {}).encode()
-        request = urllib.request.Request(url, data=body, method="POST",
-                                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+        encoded = urllib.parse.urlencode(params or {})
+        if path in self.POST_ENDPOINTS:
+            request = urllib.request.Request(url, data=encoded.encode(), method="POST",
+                                             headers={"Content-Type": "application/x-www-form-urlencoded"})
+        else:
+            request = urllib.request.Request(url + (f"?{encoded}" if encoded else ""), method="GET")
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 payload, status = json.loads(response.read()), response.status

@@ -14,6 +14,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """
     # Imported here, not at module level: gunicorn's master imports gateway.settings and must stay free of
     # cv2/gRPC/OpenTelemetry state that would be copied into every forked worker.
+    from gateway.access_log import register_access_log
     from gateway.blueprints import register_blueprints
     from gateway.blueprints.metrics import register_metrics
     from gateway.dependencies import register_settings
@@ -28,6 +29,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     register_logging(app, settings)
     register_request_id(app)
     register_server_timing(app)
+    register_access_log(app, settings)  # its after_request runs after the others (Flask runs them in reverse)
     register_error_handlers(app)
     register_tracing(app, settings)
     register_metrics(app, settings)

@@ -10,6 +10,7 @@ import numpy as np
 from gateway.imaging import boxes_to_original, decode_image, fit_within
 from gateway.params import DetectParams
 from gateway.settings import Settings
+from gateway.tracing import stage_span
 from gateway.triton_client import ModelDetections
 
 
@@ -56,12 +57,16 @@ def _elapsed_ms(start: float) -> float:
 def detect_in_image(data: bytes, params: DetectParams, settings: Settings, detector: Detector) -> ImageResult:
     """Run the whole pipeline on one encoded image; raises typed gateway errors for bad input or Triton trouble."""
     start = time.perf_counter()
-    pixels = decode_image(data, settings.max_pixels)
-    scaled = fit_within(pixels, settings.max_side)
+    with stage_span("decode", **{"image.bytes": len(data)}) as span:  # sizes only, never the bytes
+        pixels = decode_image(data, settings.max_pixels)
+        scaled = fit_within(pixels, settings.max_side)
+        span.set_attributes({"image.width": int(pixels.shape[1]), "image.height": int(pixels.shape[0]),
+                             "image.sent_width": int(scaled.pixels.shape[1]),
+                             "image.sent_height": int(scaled.pixels.shape[0])})
     decode_ms = _elapsed_ms(start)
 
     start = time.perf_counter()
-    found = detector.detect(scaled.pixels, params.triton_parameters())
+    found = detector.detect(scaled.pixels, params.triton_parameters())  # the Triton CLIENT span is made inside
     inference_ms = _elapsed_ms(start)
 
     height, width = pixels.shape[:2]

@@ -1,12 +1,8 @@
 """Typed gateway errors and the one table that turns them into HTTP statuses and JSON bodies."""
 from __future__ import annotations
 
-import logging
-
 from flask import Flask, current_app, g, jsonify, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
-
-log = logging.getLogger(__name__)
+from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntityTooLarge
 
 
 class ApiError(Exception):
@@ -127,8 +123,18 @@ def error_entry(error: ApiError) -> dict:
     return {"code": error.code, "message": error.message}
 
 
-def error_response(status: int, code: str, message: str):
-    """A JSON error response in the one shape every endpoint uses."""
+def error_kind(error: ApiError | None, status: int) -> str:
+    """Whose failure an error answer is: client (the caller's input), upstream (Triton) or internal (a gateway bug)."""
+    if isinstance(error, UpstreamFailure):
+        return "upstream"
+    if isinstance(error, (ImageError, RequestError)):
+        return "client"
+    return "client" if 400 <= status < 500 else "internal"
+
+
+def error_response(status: int, code: str, message: str, error: ApiError | None = None):
+    """A JSON error response in the one shape every endpoint uses; the code is kept for metrics and the access log."""
+    g.error_code, g.error_kind = code, error_kind(error, status)
     response = jsonify({"error": {"code": code, "message": message}, "request_id": g.get("request_id")})
     response.status_code = status
     if status in RETRYABLE_STATUSES:
@@ -141,7 +147,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(ApiError)
     def _api_error(error: ApiError):
-        return error_response(status_of(error), error.code, error.message)
+        return error_response(status_of(error), error.code, error.message, error)
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(error: RequestEntityTooLarge):
@@ -153,7 +159,9 @@ def register_error_handlers(app: Flask) -> None:
         code = (error.name or "error").lower().replace(" ", "_")
         return error_response(error.code or 500, code, error.description or error.name)
 
-    @app.errorhandler(Exception)
-    def _unexpected(error: Exception):
-        log.exception("unhandled error in request %s", g.get("request_id"))
+    # An exception no handler above knows escapes the view: Flask logs it with its traceback (through the
+    # `gateway` logger, i.e. with the request id), hands it to teardown (where prometheus-flask-exporter
+    # counts flask_http_request_exceptions_total and the server span records it) and answers with this.
+    @app.errorhandler(InternalServerError)
+    def _unexpected(error: InternalServerError):
         return error_response(500, ApiError.code, "internal error; see the gateway log for this request_id")

@@ -27,9 +27,10 @@ keepalive = _settings.keepalive_s
 preload_app = False  # the app (and everything per-process) is built in each worker, after fork
 max_requests = 0  # workers live long: each holds a warm gRPC channel
 loglevel = _settings.log_level
-accesslog = "-"
+# The app writes the access log itself, one JSON line per request with trace ids (gateway/access_log.py,
+# GATEWAY_ACCESS_LOG); gunicorn's own text access log would log every request a second time.
+accesslog = None
 errorlog = "-"
-access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms request_id=%({x-request-id}o)s'
 limit_request_line = 8190
 proc_name = "facemask-gateway"
 # gunicorn >= 27's control socket has one default path per user: parallel gateways (tests) would collide.
@@ -38,10 +39,13 @@ control_socket_disable = True
 
 def on_starting(server):
     """Start from an empty metrics directory: files of a previous run would be summed into this one's."""
+    from gateway.exemplars import remove_exemplar_files
+
     os.makedirs(_prometheus_dir, exist_ok=True)
     for name in os.listdir(_prometheus_dir):
         if name.endswith(".db"):  # prometheus_client's files only, whatever else the directory holds
             os.remove(os.path.join(_prometheus_dir, name))
+    remove_exemplar_files(_prometheus_dir)
 
 
 def post_fork(server, worker):
@@ -54,10 +58,13 @@ def post_fork(server, worker):
 
 
 def child_exit(server, worker):
-    """Drop a dead worker's live gauges from the merged metrics."""
+    """Drop a dead worker's live gauges (and its exemplars) from the merged metrics."""
     from prometheus_client import multiprocess
 
+    from gateway.exemplars import remove_exemplar_files
+
     multiprocess.mark_process_dead(worker.pid)
+    remove_exemplar_files(_prometheus_dir, worker.pid)
 
 
 def on_exit(server):

@@ -45,13 +45,31 @@ def _free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
-def _start_triton(args: argparse.Namespace):
-    """The launcher's TritonServer, started and ready (imported here: `--triton-url` needs none of it)."""
-    from ensemble.triton.launcher import CANONICAL_REPOSITORY, TritonServer
+def triton_trace_url(settings: Settings) -> str | None:
+    """Where the embedded Triton sends its spans: the gateway's OTLP/HTTP collector, as host:port/path.
 
+    None when the gateway exports no spans, or exports them by gRPC (Triton 2.51 speaks OTLP/HTTP only).
+    """
+    if not settings.traces_exported or settings.otlp_protocol != "http/protobuf":
+        return None
+    from gateway.tracing import otlp_traces_url
+
+    return otlp_traces_url(settings).split("://", 1)[-1]
+
+
+def _start_triton(args: argparse.Namespace, settings: Settings):
+    """The launcher's TritonServer, started and ready (imported here: `--triton-url` needs none of it).
+
+    With an OTLP endpoint configured, Triton traces to the same collector with rate=0: it traces only the
+    requests the gateway sampled (those carry a traceparent), so the gateway's sampler decides for both.
+    """
+    from ensemble.triton.launcher import CANONICAL_REPOSITORY, TraceSettings, TritonServer
+
+    trace_url = triton_trace_url(settings)
     server = TritonServer(args.model_repository or CANONICAL_REPOSITORY, http_port=args.triton_http_port,
                           grpc_port=args.triton_grpc_port, metrics_port=args.triton_metrics_port,
-                          log_file=args.triton_log_file)
+                          log_file=args.triton_log_file,
+                          trace=TraceSettings(trace_url, rate=0) if trace_url else None)
     server.start()
     return server
 
@@ -63,7 +81,7 @@ def gunicorn_command() -> list[str]:
 def gateway_environment(settings: Settings) -> dict[str, str]:
     """This process's environment with `settings` written over the GATEWAY_* variables the workers read."""
     env = dict(os.environ)
-    for name in ("host", "port", "workers", "threads", "triton_url"):
+    for name in ("host", "port", "workers", "threads", "triton_url", "triton_metrics_url"):
         env[env_name(name)] = str(getattr(settings, name))
     return env
 
@@ -105,15 +123,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     gunicorn = None
     try:
         if args.triton_url:
-            triton_url = args.triton_url
+            triton_url, triton_metrics_url = args.triton_url, defaults.triton_metrics_url
         else:
             print("starting tritonserver (CPU) ...", flush=True)
-            triton = _start_triton(args)
-            triton_url = triton.grpc_url
+            triton = _start_triton(args, defaults)
+            triton_url, triton_metrics_url = triton.grpc_url, triton.metrics_url
             print(f"tritonserver ready in {triton.startup_s:.1f} s (log: {triton.log_path})", flush=True)
         port = args.port or _free_port(args.host)
         settings = replace(defaults, host=args.host, port=port, workers=args.workers, threads=args.threads,
-                           triton_url=triton_url)
+                           triton_url=triton_url, triton_metrics_url=triton_metrics_url)
         # Its own session: Ctrl-C reaches only us, and we stop gunicorn gracefully with SIGTERM.
         gunicorn = subprocess.Popen(gunicorn_command(), env=gateway_environment(settings), start_new_session=True)
         base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{port}"

@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Mapping
 
 ENV_PREFIX = "GATEWAY_"
+OFF = "off"  # turns an optional output off (an empty variable means "the default", like an unset one)
 
 
 @dataclass(frozen=True)
@@ -13,8 +14,8 @@ class Settings:
     """Every knob of the gateway, with the default it runs with when the environment says nothing.
 
     Each field `name` is read from the environment variable `GATEWAY_<NAME>` (upper case),
-    except `otlp_*` and `prometheus_multiproc_dir`, which keep the names their own
-    ecosystems (OpenTelemetry, prometheus_client) already use.
+    except the OpenTelemetry fields and `prometheus_multiproc_dir`, which keep the standard names their
+    own ecosystems (OTEL_*, PROMETHEUS_MULTIPROC_DIR) already use; see `_FOREIGN_NAMES`.
     """
 
     # --- HTTP server (gunicorn) ---
@@ -43,11 +44,20 @@ class Settings:
     max_side: int = 1280  # longer side is downscaled to this before inference; boxes are mapped back
     batch_concurrency: int = 4  # images of one batch request in flight to Triton at once
 
-    # --- observability ---
-    service_name: str = "facemask-gateway"  # OpenTelemetry service.name
-    otlp_endpoint: str = ""  # OTEL_EXPORTER_OTLP_ENDPOINT; spans are exported only when set
+    # --- observability: traces (the standard OTEL_* names; the SDK reads its other OTEL_* knobs itself) ---
+    service_name: str = "facemask-gateway"  # OTEL_SERVICE_NAME: the resource's service.name
+    otlp_endpoint: str = ""  # OTEL_EXPORTER_OTLP_ENDPOINT (base URL; /v1/traces is appended for HTTP)
+    otlp_traces_endpoint: str = ""  # OTEL_EXPORTER_OTLP_TRACES_ENDPOINT (full URL, used as is; wins)
     otlp_protocol: str = "http/protobuf"  # OTEL_EXPORTER_OTLP_PROTOCOL: "http/protobuf" or "grpc"
+    traces_sampler: str = ""  # OTEL_TRACES_SAMPLER; "" = parentbased_always_on with an exporter, else
+    #                           parentbased_always_off (no exporter: only a caller's sampled trace is continued)
+    traces_sampler_arg: str = ""  # OTEL_TRACES_SAMPLER_ARG, e.g. the ratio of traceidratio samplers
+
+    # --- observability: metrics and logs ---
     prometheus_multiproc_dir: str = ""  # PROMETHEUS_MULTIPROC_DIR; set by gunicorn.conf.py when empty
+    triton_metrics_url: str = "http://127.0.0.1:8002/metrics"  # merged into /metrics; "off" turns the merge off
+    triton_metrics_timeout_s: float = 1.0  # a slow Triton costs a scrape at most this much
+    access_log: str = "-"  # one JSON line per request: "-" stdout, a path appends to that file, "off" none
     log_level: str = "info"  # gunicorn and gateway log level
 
     @classmethod
@@ -61,10 +71,23 @@ class Settings:
                 values[field.name] = _coerce(field.name, field.type, raw)
         return replace(cls(**values), **overrides)
 
+    @property
+    def triton_metrics_merged(self) -> bool:
+        return self.triton_metrics_url not in ("", OFF)
+
+    @property
+    def traces_exported(self) -> bool:
+        """Whether an OTLP endpoint is configured, i.e. whether spans leave the process at all."""
+        return bool(self.otlp_traces_endpoint or self.otlp_endpoint)
+
 
 _FOREIGN_NAMES = {
+    "service_name": "OTEL_SERVICE_NAME",
     "otlp_endpoint": "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "otlp_traces_endpoint": "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
     "otlp_protocol": "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "traces_sampler": "OTEL_TRACES_SAMPLER",
+    "traces_sampler_arg": "OTEL_TRACES_SAMPLER_ARG",
     "prometheus_multiproc_dir": "PROMETHEUS_MULTIPROC_DIR",
 }
 

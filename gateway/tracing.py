@@ -1,59 +1,185 @@
-"""OpenTelemetry for the gateway: a per-process TracerProvider, Flask spans, and context for Triton."""
+"""OpenTelemetry for the gateway: a per-process TracerProvider, Flask server spans, the gateway's own stage spans,
+the CLIENT span of the Triton call, and the trace context handed to Triton.
+
+Span attributes carry sizes, counts and names only, never image bytes or anything derived from pixels.
+"""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from typing import Iterator
 
-from flask import Flask
+from flask import Flask, current_app, has_app_context
 from opentelemetry import trace
 from opentelemetry.instrumentation.flask import FlaskInstrumentor
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import sampling
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from gateway.settings import Settings
+from gateway.settings import Settings, env_name
 
 # Probes and scrapes would drown the traces that matter.
 UNTRACED_URLS = "healthz,readyz,metrics"
+TRACER_NAME = "gateway"
+# Triton's gRPC API (grpc_service.proto): what the CLIENT span's rpc.* attributes name.
+TRITON_RPC_SERVICE = "inference.GRPCInferenceService"
+TRITON_RPC_METHOD = "ModelInfer"
+# grpc.StatusCode names -> their numeric codes, for the rpc.grpc.status_code attribute.
+GRPC_STATUS_CODES = {"OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4,
+                     "NOT_FOUND": 5, "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8,
+                     "FAILED_PRECONDITION": 9, "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12,
+                     "INTERNAL": 13, "UNAVAILABLE": 14, "DATA_LOSS": 15, "UNAUTHENTICATED": 16}
+
+PROVIDER_KEY = "tracer_provider"  # in app.extensions
 
 _W3C = TraceContextTextMapPropagator()
-_provider: tuple[int, TracerProvider] | None = None  # (pid that built it, provider)
+_global_set_in: int | None = None  # the pid whose global TracerProvider is set (once per process image)
+_providers: dict[tuple, TracerProvider] = {}  # (pid, tracing settings) -> provider
+
+
+def build_sampler(settings: Settings) -> sampling.Sampler:
+    """The sampler OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG name (the SDK's names and meaning).
+
+    Unset: parent-based always-on when spans are exported; parent-based always-off when they are not, so a
+    gateway without an exporter records nothing of its own yet still continues a caller's sampled trace into
+    Triton. An unknown name is an error, not a silent fallback.
+    """
+    name = settings.traces_sampler.strip().lower()
+    if not name:
+        return sampling.DEFAULT_ON if settings.traces_exported else sampling.DEFAULT_OFF
+    fixed = {"always_on": sampling.ALWAYS_ON, "always_off": sampling.ALWAYS_OFF,
+             "parentbased_always_on": sampling.DEFAULT_ON, "parentbased_always_off": sampling.DEFAULT_OFF}
+    if name in fixed:
+        return fixed[name]
+    ratio_samplers = {"traceidratio": sampling.TraceIdRatioBased,
+                      "parentbased_traceidratio": sampling.ParentBasedTraceIdRatio}
+    if name not in ratio_samplers:
+        raise ValueError(f"{env_name('traces_sampler')}={settings.traces_sampler!r} is not one of "
+                         f"{', '.join([*fixed, *ratio_samplers])}")
+    try:
+        ratio = float(settings.traces_sampler_arg) if settings.traces_sampler_arg else 1.0
+    except ValueError:
+        raise ValueError(f"{env_name('traces_sampler_arg')}={settings.traces_sampler_arg!r} is not a ratio") from None
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"{env_name('traces_sampler_arg')}={ratio} is outside 0..1")
+    return ratio_samplers[name](ratio)
 
 
 def setup_tracing(settings: Settings) -> TracerProvider:
     """This process's TracerProvider, built on first use (after fork: a forked provider's exporter thread is dead).
 
-    Spans are always created, so a sampled caller's trace continues into Triton; they are only
-    exported when `OTEL_EXPORTER_OTLP_ENDPOINT` is set. Sampling follows the SDK's OTEL_TRACES_SAMPLER
-    (parent-based, always-on by default), so a caller's `traceparent` decides for its request.
+    Spans leave the process only when an OTLP endpoint is configured; the batch processor's own knobs
+    (OTEL_BSP_SCHEDULE_DELAY, ...) and the exporter's (OTEL_EXPORTER_OTLP_HEADERS, _TIMEOUT, _COMPRESSION)
+    are read by the SDK itself.
     """
-    global _provider
-    if _provider is not None and _provider[0] == os.getpid():
-        return _provider[1]
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: settings.service_name}))
-    if settings.otlp_endpoint:
+    global _global_set_in
+    key = (os.getpid(), settings.service_name, settings.traces_sampler, settings.traces_sampler_arg,
+           settings.otlp_endpoint, settings.otlp_traces_endpoint, settings.otlp_protocol)
+    provider = _providers.get(key)
+    if provider is not None:
+        return provider
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: settings.service_name}),
+                              sampler=build_sampler(settings))
+    if settings.traces_exported:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(settings)))
-    if _provider is None:
+    if _global_set_in is None:
         trace.set_tracer_provider(provider)  # the global can be set once per process image
-    _provider = (os.getpid(), provider)
+        _global_set_in = os.getpid()
+    _providers[key] = provider
     return provider
 
 
+def otlp_traces_url(settings: Settings) -> str:
+    """Where spans go, by the OTLP rules: the signal-specific endpoint as is, else the base endpoint + /v1/traces
+    (HTTP) or as is (gRPC)."""
+    if settings.otlp_traces_endpoint:
+        return settings.otlp_traces_endpoint
+    if settings.otlp_protocol == "grpc":
+        return settings.otlp_endpoint
+    return settings.otlp_endpoint.rstrip("/") + "/v1/traces"
+
+
 def _otlp_exporter(settings: Settings):
-    """OTLP over HTTP (what Triton's own exporter speaks) unless OTEL_EXPORTER_OTLP_PROTOCOL says grpc."""
+    """OTLP over HTTP/protobuf (what Jaeger and Triton's collector speak), or gRPC when the protocol says so."""
     if settings.otlp_protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        return OTLPSpanExporter(endpoint=settings.otlp_endpoint)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-    return OTLPSpanExporter(endpoint=settings.otlp_endpoint.rstrip("/") + "/v1/traces")
+    elif settings.otlp_protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    else:
+        raise ValueError(f"{env_name('otlp_protocol')}={settings.otlp_protocol!r}: use http/protobuf or grpc")
+    return OTLPSpanExporter(endpoint=otlp_traces_url(settings))
 
 
 def register_tracing(app: Flask, settings: Settings) -> None:
     """Server spans for every request, continuing the caller's W3C `traceparent` when it sends one."""
-    FlaskInstrumentor().instrument_app(app, tracer_provider=setup_tracing(settings), excluded_urls=UNTRACED_URLS)
+    provider = setup_tracing(settings)
+    app.extensions[PROVIDER_KEY] = provider
+    FlaskInstrumentor().instrument_app(app, tracer_provider=provider, excluded_urls=UNTRACED_URLS)
+
+
+def _tracer() -> trace.Tracer:
+    """The running app's tracer (its settings' sampler and exporter), the global one outside an app."""
+    provider = current_app.extensions.get(PROVIDER_KEY) if has_app_context() else None
+    return (provider or trace.get_tracer_provider()).get_tracer(TRACER_NAME)
+
+
+@contextmanager
+def stage_span(name: str, **attributes) -> Iterator[trace.Span]:
+    """An INTERNAL span around one stage of the request (decode, encode); exceptions are recorded by the SDK."""
+    with _tracer().start_as_current_span(name, kind=SpanKind.INTERNAL, attributes=attributes) as span:
+        yield span
+
+
+@contextmanager
+def triton_call_span(settings: Settings) -> Iterator[trace.Span]:
+    """The CLIENT span of one ModelInfer call, with the RPC semantic-convention attributes.
+
+    It is the current span while the call is made, so the `traceparent` Triton receives names it as the parent
+    of Triton's own `InferRequest` span. The caller reports the outcome with `set_rpc_status`.
+    """
+    host, _, port = settings.triton_url.rpartition(":")
+    attributes = {"rpc.system": "grpc", "rpc.service": TRITON_RPC_SERVICE, "rpc.method": TRITON_RPC_METHOD,
+                  "server.address": host or settings.triton_url, "triton.model.name": settings.model_name}
+    if port.isdigit():
+        attributes["server.port"] = int(port)
+    if settings.model_version:
+        attributes["triton.model.version"] = settings.model_version
+    name = f"{TRITON_RPC_SERVICE}/{TRITON_RPC_METHOD}"
+    with _tracer().start_as_current_span(name, kind=SpanKind.CLIENT, attributes=attributes,
+                                         record_exception=False, set_status_on_exception=False) as span:
+        yield span
+
+
+def set_rpc_status(span: trace.Span, status_name: str) -> None:
+    """Record the gRPC status ("OK", "UNAVAILABLE", ...; "" when the client library failed before any status)."""
+    code = GRPC_STATUS_CODES.get(status_name)
+    if code is not None:
+        span.set_attribute("rpc.grpc.status_code", code)
+    if status_name != "OK":
+        span.set_attribute("error.type", status_name or "client_error")
+        span.set_status(Status(StatusCode.ERROR, status_name or "client_error"))
+
+
+def current_trace_ids() -> tuple[str | None, str | None]:
+    """(trace id, span id) in hex of the current span when it is sampled (exported), else (None, None).
+
+    Logs and exemplars name only traces that a trace backend can actually show.
+    """
+    context = trace.get_current_span().get_span_context()
+    if not (context.is_valid and context.trace_flags.sampled):
+        return None, None
+    return f"{context.trace_id:032x}", f"{context.span_id:016x}"
+
+
+def set_server_span_attributes(**attributes) -> None:
+    """Add attributes (counts, sizes, ids) to the current request's span when it is recording."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attributes({key: value for key, value in attributes.items() if value is not None})
 
 
 def triton_trace_headers() -> dict[str, str] | None:

@@ -12,7 +12,7 @@ from tritonclient.utils import InferenceServerException
 from gateway.errors import (ApiError, InferenceRejected, ModelNotReady, TritonOverloaded, TritonTimeout,
                             TritonUnreachable, UpstreamError)
 from gateway.settings import Settings
-from gateway.tracing import triton_trace_headers
+from gateway.tracing import set_rpc_status, triton_call_span, triton_trace_headers
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +91,18 @@ class TritonDetector:
         image = np.ascontiguousarray(image_bgr[np.newaxis])
         request_input = grpcclient.InferInput("IMAGE", list(image.shape), "UINT8")
         request_input.set_data_from_numpy(image)
-        try:
-            result = self._client.infer(
-                self.settings.model_name, [request_input], model_version=self.settings.model_version,
-                outputs=[grpcclient.InferRequestedOutput(name) for name in OUTPUTS],
-                client_timeout=self.settings.triton_timeout_s, headers=triton_trace_headers(),
-                parameters=parameters or None)
-        except InferenceServerException as error:
-            log.warning("triton infer failed: status=%s detail=%s", error.status(), error.message())
-            raise translate_error(error, self.settings) from None
+        with triton_call_span(self.settings) as span:  # current during the call: Triton's spans hang under it
+            try:
+                result = self._client.infer(
+                    self.settings.model_name, [request_input], model_version=self.settings.model_version,
+                    outputs=[grpcclient.InferRequestedOutput(name) for name in OUTPUTS],
+                    client_timeout=self.settings.triton_timeout_s, headers=triton_trace_headers(),
+                    parameters=parameters or None)
+            except InferenceServerException as error:
+                set_rpc_status(span, _status_name(error))
+                log.warning("triton infer failed: status=%s detail=%s", error.status(), error.message())
+                raise translate_error(error, self.settings) from None
+            set_rpc_status(span, "OK")
         count = int(result.as_numpy("NUM_DETECTIONS").reshape(-1)[0])
         labels = result.as_numpy("LABELS").reshape(-1)[:count]
         return ModelDetections(

@@ -80,6 +80,16 @@ def test_the_rules_read_only_contract_metrics_or_recording_rules():
     assert not unknown
 
 
+def test_gpu_only_panels_are_exactly_those_reading_only_gpu_metrics():
+    """The panels allowed to stay empty on a CPU-only machine are marked, and no other panel is."""
+    gpu = set(dashboards.TRITON_GPU_METRICS)
+    reading_only_gpu = {(query.dashboard, query.panel_id) for query in dashboards.panel_queries()
+                        if dashboards.metric_names(query.raw_expr) <= gpu}
+    marked = {(name, panel_id) for name, ids in dashboards.GPU_ONLY_PANELS.items() for panel_id in ids}
+    assert marked == reading_only_gpu
+    assert all(query.gpu_only == ((query.dashboard, query.panel_id) in marked) for query in dashboards.panel_queries())
+
+
 def test_recording_rules_in_dashboards_can_be_inlined():
     """A dashboard uses a recorded series bare, so panel_queries(inline_rules=True) can expand it."""
     rules = dashboards.recording_rules()

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import contextvars
+import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 from flask import Blueprint, Response, g, jsonify, request
 from werkzeug.datastructures import FileStorage
 
 from gateway.annotate import draw_detections, encode_jpeg
+from gateway.blueprints.metrics import service_metrics
 from gateway.dependencies import detector, settings
 from gateway.detection import ImageResult, detect_in_image
 from gateway.errors import (EmptyBody, ImageError, MissingImage, PayloadTooLarge, TooManyImages,
@@ -15,6 +18,7 @@ from gateway.errors import (EmptyBody, ImageError, MissingImage, PayloadTooLarge
 from gateway.openapi import openapi_document
 from gateway.params import DetectParams, parse_detect_params
 from gateway.server_timing import current_timings
+from gateway.tracing import current_trace_ids, set_server_span_attributes, stage_span
 
 bp = Blueprint("api", __name__)
 
@@ -25,6 +29,7 @@ GENERIC_PART_TYPES = ("", "application/octet-stream")
 MULTIPART_OVERHEAD_BYTES = 64 * 1024  # boundaries and part headers around a maximum-size image
 SINGLE_FIELD = "image"
 BATCH_FIELD = "images"
+DETECTION_ENDPOINTS = frozenset({"api.detect", "api.detect_batch"})  # observed as stage="total"
 
 
 def _unsupported(mimetype: str) -> UnsupportedMediaType:
@@ -74,9 +79,35 @@ def _model_json(version: str | None) -> dict:
 
 
 def _record(result: ImageResult) -> None:
+    """One processed image into Server-Timing, the metrics (with the trace id as exemplar) and the access log."""
     timings = current_timings()
     timings.add("decode", result.decode_ms)
     timings.add("inference", result.inference_ms)
+    metrics, (trace_id, _) = service_metrics(), current_trace_ids()
+    metrics.observe_stage("decode", result.decode_ms / 1000.0, trace_id)
+    metrics.observe_stage("triton", result.inference_ms / 1000.0, trace_id)
+    metrics.observe_image(result.width, result.height, result.labels, result.label_scores)
+    g.faces = g.get("faces", 0) + len(result.labels)
+
+
+@contextmanager
+def _encoding(response_format: str):
+    """Time and trace the encoding of the answer (JSON or annotated JPEG) as stage `encode`."""
+    start = time.perf_counter()
+    with stage_span("encode", **{"gateway.response.format": response_format}) as span:
+        yield span
+    seconds = time.perf_counter() - start
+    current_timings().add("encode", seconds * 1000.0)
+    service_metrics().observe_stage("encode", seconds, current_trace_ids()[0])
+
+
+@bp.after_request
+def _observe_total(response):
+    """The whole detection request, as the caller waited for it (errors included), as stage `total`."""
+    if request.endpoint in DETECTION_ENDPOINTS:
+        set_server_span_attributes(**{"gateway.request_id": g.get("request_id"), "gateway.faces": g.get("faces")})
+        service_metrics().observe_stage("total", current_timings().total_ms() / 1000.0, current_trace_ids()[0])
+    return response
 
 
 @bp.post("/v1/detect")
@@ -86,16 +117,24 @@ def detect():
     params = parse_detect_params(request.args)
     result = detect_in_image(data, params, settings(), detector())
     _record(result)
+    g.image_width, g.image_height = result.width, result.height
+    set_server_span_attributes(**{"image.width": result.width, "image.height": result.height})
     if _wants_jpeg():
-        annotated = draw_detections(result.pixels, result.boxes, result.labels, result.label_scores)
-        return Response(encode_jpeg(annotated), mimetype="image/jpeg")
-    return jsonify({
-        "request_id": g.request_id,
-        "image": {"width": result.width, "height": result.height},
-        "model": _model_json(result.model_version),
-        "detections": result.detections_json(),
-        "timing_ms": current_timings().as_json(),
-    })
+        with _encoding("jpeg") as span:
+            annotated = draw_detections(result.pixels, result.boxes, result.labels, result.label_scores)
+            body = encode_jpeg(annotated)
+            span.set_attribute("gateway.response.bytes", len(body))
+        return Response(body, mimetype="image/jpeg")
+    with _encoding("json") as span:
+        response = jsonify({
+            "request_id": g.request_id,
+            "image": {"width": result.width, "height": result.height},
+            "model": _model_json(result.model_version),
+            "detections": result.detections_json(),
+            "timing_ms": current_timings().as_json(),
+        })
+        span.set_attribute("gateway.response.bytes", response.content_length or 0)
+    return response
 
 
 def _batch_entry(index: int, part: FileStorage, params: DetectParams):
@@ -143,12 +182,20 @@ def detect_batch():
     results = [result for _, result in outcomes if result is not None]
     for result in results:
         _record(result)
-    return jsonify({
-        "request_id": g.request_id,
-        "model": _model_json(results[0].model_version if results else None),
-        "results": [entry for entry, _ in outcomes],
-        "timing_ms": current_timings().as_json(),
-    })
+    metrics = service_metrics()
+    for entry, _ in outcomes:
+        if "error" in entry:  # a failed image of an answered batch: an image error, the caller's
+            metrics.count_error(entry["error"]["code"], "client")
+    g.faces = g.get("faces", 0)
+    with _encoding("json") as span:
+        response = jsonify({
+            "request_id": g.request_id,
+            "model": _model_json(results[0].model_version if results else None),
+            "results": [entry for entry, _ in outcomes],
+            "timing_ms": current_timings().as_json(),
+        })
+        span.set_attribute("gateway.response.bytes", response.content_length or 0)
+    return response
 
 
 @bp.get("/openapi.json")

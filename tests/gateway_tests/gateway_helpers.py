@@ -1,19 +1,38 @@
-"""Small helpers shared by the gateway tests: encoders, EXIF and bomb fixtures, box comparison."""
+"""Helpers shared by the gateway and observability tests: a real tritonserver + real gunicorn gateway on
+loopback (GatewayStack, Gunicorn), encoders, EXIF and bomb fixtures, box comparison.
+
+tests/observability_tests/conftest.py puts this folder on sys.path and imports from here.
+"""
 from __future__ import annotations
 
 import io
+import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
+import time
 import zlib
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import cv2
 import numpy as np
+import requests
 
 from ensemble.ssd import pairwise_iou
+from ensemble.triton.launcher import TraceSettings, TritonServer
 
 EXIF_ORIENTATION_TAG = 0x0112
 REPO_ROOT = Path(__file__).resolve().parents[2]
+GUNICORN_CONF = REPO_ROOT / "gateway" / "gunicorn.conf.py"
+START_TIMEOUT_S = 60
+# Variables of the test process that would leak into a gateway under test and change what it does.
+INHERITED_OBSERVABILITY_VARIABLES = ("PROMETHEUS_MULTIPROC_DIR", "OTEL_EXPORTER_OTLP_ENDPOINT",
+                                     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL",
+                                     "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG", "OTEL_SERVICE_NAME",
+                                     "GATEWAY_ACCESS_LOG", "GATEWAY_TRITON_METRICS_URL")
 
 
 def free_port() -> int:
@@ -71,3 +90,132 @@ def json_shape(value):
     if value is None:
         return "null"
     return type(value).__name__
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real servers
+class RestartedTritonServer(TritonServer):
+    """A TritonServer restarted on its predecessor's ports.
+
+    The launcher's free-port check binds without SO_REUSEADDR, so it refuses a port whose old connections
+    are in TIME_WAIT for a minute after Triton stops; tritonserver itself binds with SO_REUSEADDR, so the
+    check is skipped here.
+    """
+
+    def _claim_ports(self) -> None:
+        pass
+
+
+class Gunicorn:
+    """One `gunicorn -c gateway/gunicorn.conf.py 'gateway:create_app()'` subprocess, its output in `log_path`."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path):
+        self.env = dict(env)
+        self.port = int(self.env["GATEWAY_PORT"])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+        self._log = None
+
+    def start(self, ready_path: str = "/readyz") -> "Gunicorn":
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "gateway:create_app()"],
+            cwd=REPO_ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"gunicorn exited; see {self.log_path}"
+            try:
+                if requests.get(self.url + ready_path, timeout=2).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"gateway not ready within {START_TIMEOUT_S} s; see {self.log_path}")
+
+    def stop(self) -> int | None:
+        """SIGTERM (graceful), SIGKILL to the whole group if it overstays."""
+        if self.process is None:
+            return None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            code = self.process.wait()
+        self._log.close()
+        self.process = None
+        return code
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class GatewayStack:
+    """tritonserver + gunicorn gateway(s) as subprocesses; Triton can be stopped and restarted.
+
+    `gateway_env` is written over the gateway's environment (OTEL_*, GATEWAY_*); `triton_trace` starts Triton
+    with OpenTelemetry tracing, `triton_args` adds tritonserver flags.
+    """
+
+    def __init__(self, model_repository: Path, log_dir: Path, *, workers: int = 2,
+                 gateway_env: Mapping[str, str] | None = None, triton_trace: TraceSettings | None = None,
+                 triton_args: Sequence[str] = ()):
+        self.model_repository = model_repository
+        self.log_dir = log_dir
+        self.workers = workers
+        self.gateway_env = dict(gateway_env or {})
+        self.triton_trace = triton_trace
+        self.triton_args = list(triton_args)
+        self.triton: TritonServer | None = None
+        self.gateway: Gunicorn | None = None
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    # --- Triton ---
+    def start_triton(self, same_ports_as: TritonServer | None = None) -> None:
+        kind, ports = (TritonServer, {}) if same_ports_as is None else (RestartedTritonServer, {
+            f"{name}_port": port for name, port in same_ports_as.ports.items()})
+        self.triton = kind(self.model_repository, log_file=self.log_dir / "tritonserver.log",
+                           trace=self.triton_trace, extra_args=self.triton_args, **ports)
+        self.triton.start()
+
+    def stop_triton(self) -> TritonServer:
+        stopped, self.triton = self.triton, None
+        stopped.stop()
+        return stopped
+
+    # --- gateway ---
+    def environment(self, port: int | None = None, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+        env = {key: value for key, value in os.environ.items() if key not in INHERITED_OBSERVABILITY_VARIABLES}
+        env.update({
+            "GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(port or self.port), "GATEWAY_WORKERS": str(self.workers),
+            "GATEWAY_THREADS": "4", "GATEWAY_TRITON_URL": self.triton.grpc_url,
+            "GATEWAY_TRITON_METRICS_URL": self.triton.metrics_url, "GATEWAY_RETRY_AFTER_S": "3",
+            "GATEWAY_TRITON_RECONNECT_BACKOFF_MS": "500", "GATEWAY_LOG_LEVEL": "info",
+        })
+        env.update(self.gateway_env)
+        env.update(overrides or {})
+        return env
+
+    def start_gateway(self) -> None:
+        self.gateway = Gunicorn(self.environment(), self.log_dir / "gunicorn.log").start()
+
+    def start_another_gateway(self, name: str, overrides: Mapping[str, str] | None = None) -> Gunicorn:
+        """A second gateway on the same Triton (own port and log), e.g. with another sampler; the caller stops it."""
+        return Gunicorn(self.environment(free_port(), overrides), self.log_dir / f"{name}.log").start()
+
+    @property
+    def gunicorn(self) -> subprocess.Popen | None:
+        return self.gateway.process if self.gateway is not None else None
+
+    def stop_gateway(self) -> int | None:
+        return self.gateway.stop() if self.gateway is not None else None
+
+    def gateway_log(self) -> str:
+        return (self.log_dir / "gunicorn.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.stop_gateway()
+        if self.triton is not None:
+            self.stop_triton()

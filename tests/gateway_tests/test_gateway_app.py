@@ -141,5 +141,5 @@ def test_metrics_count_requests_by_endpoint_and_status(client, wide_jpeg):
     client.post("/v1/detect", data=wide_jpeg, headers={"Content-Type": "image/jpeg"})
     client.post("/v1/detect", data=b"", headers={"Content-Type": "image/jpeg"})
     text = client.get("/metrics").get_data(as_text=True)
-    assert 'gateway_http_request_duration_seconds_count{endpoint="api.detect",method="POST",status="200"} 1.0' in text
-    assert 'gateway_http_request_duration_seconds_count{endpoint="api.detect",method="POST",status="400"} 1.0' in text
+    assert 'flask_http_request_duration_seconds_count{endpoint="api.detect",method="POST",status="200"} 1.0' in text
+    assert 'flask_http_request_duration_seconds_count{endpoint="api.detect",method="POST",status="400"} 1.0' in text

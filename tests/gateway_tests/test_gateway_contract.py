@@ -49,7 +49,7 @@ def test_raw_body_matches_reference_pipeline(gateway_url, http, uploads, referen
     assert body["model"] == {"name": "mask_detection", "version": "1"}
     assert body["request_id"] == response.headers["X-Request-ID"]
     stages = dict(part.strip().split(";dur=") for part in response.headers["Server-Timing"].split(","))
-    assert set(stages) == {"decode", "inference", "total"}
+    assert set(stages) == {"decode", "inference", "encode", "total"}
     assert float(stages["total"]) >= float(stages["inference"]) > 0
 
 
@@ -121,8 +121,8 @@ def test_probes_page_and_metrics(gateway_url, http):
     assert page.status_code == 200 and "text/html" in page.headers["Content-Type"]
     assert "http://" not in page.text and "https://" not in page.text  # self-contained: no CDN
     metrics = http.get(gateway_url + "/metrics").text
-    assert 'gateway_http_request_duration_seconds_count{endpoint="api.detect",method="POST",status="200"}' in metrics
-    assert "gateway_http_request_duration_seconds_bucket" in metrics
+    assert 'flask_http_request_duration_seconds_count{endpoint="api.detect",method="POST",status="200"}' in metrics
+    assert "flask_http_request_duration_seconds_bucket" in metrics
 
 
 # --- the OpenAPI document ---

@@ -1,0 +1,77 @@
+"""The service's own Prometheus metrics (the HTTP ones come from prometheus-flask-exporter).
+
+Names and labels are a contract with compose/prometheus/rules/ and compose/grafana/dashboards/ (see
+compose/dashboards.py, GATEWAY_*): rename both sides together. Created per app (in each gunicorn worker,
+after fork); under gunicorn they live in prometheus_client's multiprocess files and are merged at scrape time.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from gateway.errors import HTTP_STATUS, ApiError, error_kind
+from gateway.exemplars import ExemplarStore
+
+STAGES = ("decode", "triton", "encode", "total")
+# Scrapes and probes are neither measured, counted as in flight, logged nor traced: they would only measure
+# the monitoring itself.
+OPERATIONAL_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
+# What the mask classifier answers (model_repository/postprocess config `labels`); both are created at zero,
+# so ratios such as the mask share read 0, not "no data", before the first face of a kind.
+DETECTION_LABELS = ("mask", "no_mask")
+ERROR_KINDS = ("client", "upstream", "internal")
+
+# Seconds: a decode takes about a millisecond, a Triton round trip tens to hundreds, the SLO is 500 ms.
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5,
+                 5.0, 10.0, float("inf"))
+FACES_BUCKETS = (0, 1, 2, 3, 4, 5, 8, 12, 20, 50, float("inf"))
+CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0, float("inf"))
+PIXEL_BUCKETS = (64 * 64, 320 * 240, 640 * 480, 1280 * 720, 1920 * 1080, 2560 * 1440, 3840 * 2160, 16_000_000,
+                 40_000_000, float("inf"))  # up to the default GATEWAY_MAX_PIXELS
+
+
+class ServiceMetrics:
+    """The gateway's business and latency metrics; `registry` is None in multiprocess mode (files, not a registry)."""
+
+    def __init__(self, registry: CollectorRegistry | None, exemplars: ExemplarStore):
+        self.exemplars = exemplars
+        self.inflight = Gauge("gateway_inflight_requests", "Requests being served now (all workers)",
+                              registry=registry, multiprocess_mode="livesum")
+        self.stage_duration = Histogram(
+            "gateway_stage_duration_seconds",
+            "Time per stage of a detection request: decode (image), triton (the gRPC round trip), encode (the "
+            "answer) and total (the whole request); exemplars carry the trace id",
+            ["stage"], buckets=STAGE_BUCKETS, registry=registry)
+        self.faces_per_image = Histogram("gateway_faces_per_image", "Faces found per image", buckets=FACES_BUCKETS,
+                                         registry=registry)
+        self.detections = Counter("gateway_detections", "Labelled faces by classifier label", ["label"],
+                                  registry=registry)
+        self.confidence = Histogram("gateway_detection_confidence", "Classifier confidence of each labelled face",
+                                    buckets=CONFIDENCE_BUCKETS, registry=registry)
+        self.image_pixels = Histogram("gateway_image_pixels", "Decoded image width x height, before downscaling",
+                                      buckets=PIXEL_BUCKETS, registry=registry)
+        self.errors = Counter("gateway_errors", "Error answers by code (a failed image of a batch included)",
+                              ["code", "kind"], registry=registry)
+        for label in DETECTION_LABELS:
+            self.detections.labels(label=label)
+        for error_class, status in HTTP_STATUS.items():
+            self.errors.labels(code=error_class.code, kind=error_kind(error_class("x"), status))
+        self.errors.labels(code=ApiError.code, kind="internal")
+
+    def observe_stage(self, stage: str, seconds: float, trace_id: str | None) -> None:
+        """One stage's duration; a sampled request's trace id becomes the exemplar of its bucket."""
+        self.stage_duration.labels(stage=stage).observe(seconds)
+        if trace_id:
+            self.exemplars.record("gateway_stage_duration_seconds", {"stage": stage}, STAGE_BUCKETS, seconds, trace_id)
+
+    def observe_image(self, width: int, height: int, labels: Sequence[str], confidences: Sequence[float]) -> None:
+        """What one successfully processed image contained."""
+        self.image_pixels.observe(width * height)
+        self.faces_per_image.observe(len(labels))
+        for label, confidence in zip(labels, confidences):
+            self.detections.labels(label=label).inc()
+            self.confidence.observe(float(confidence))
+
+    def count_error(self, code: str, kind: str) -> None:
+        self.errors.labels(code=code, kind=kind).inc()

@@ -1,0 +1,84 @@
+"""The merged /metrics of real gunicorn gateways: several workers counted once, and the gateway's own metrics
+still served when Triton's metrics port does not answer."""
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.triton
+
+
+def _requests_total(url: str) -> float:
+    text = requests.get(url + "/metrics").text
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "flask_http_request_total")  # 0 before the first request: no series yet
+
+
+def _per_worker_requests(directory) -> dict[str, float]:
+    """flask_http_request_total as each worker process wrote it into its multiprocess file."""
+    totals: dict[str, float] = defaultdict(float)
+    for path in directory.glob("counter_*.db"):
+        pid = path.stem.split("_")[-1]
+        for key, value, _timestamp, _pos in MmapedDict.read_all_values_from_file(str(path)):
+            if json.loads(key)[1] == "flask_http_request_total":
+                totals[pid] += value
+    return dict(totals)
+
+
+def test_requests_served_by_several_workers_are_each_counted_once(observed_stack, hopper_jpeg):
+    before_total = _requests_total(observed_stack.url)
+    before_workers = _per_worker_requests(observed_stack.multiproc_dir)
+    count = 40
+
+    def one(_):
+        with requests.Session() as session:  # a new connection each time: the workers compete for them
+            return session.post(observed_stack.url + "/v1/detect", data=hopper_jpeg,
+                                headers={"Content-Type": "image/jpeg"}).status_code
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert set(pool.map(one, range(count))) == {200}
+    after_workers = _per_worker_requests(observed_stack.multiproc_dir)
+    served = {pid: after_workers[pid] - before_workers.get(pid, 0) for pid in after_workers}
+    assert sum(served.values()) == count
+    assert sum(1 for n in served.values() if n > 0) >= 2, f"one worker took every request: {served}"
+    assert _requests_total(observed_stack.url) - before_total == count  # the merged view agrees
+    inflight = requests.get(observed_stack.url + "/metrics").text
+    assert "gateway_inflight_requests 0.0" in inflight  # livesum over the workers, all done
+
+
+@pytest.fixture
+def silent_port():
+    """A port that accepts connections (the kernel's backlog) and never answers: a hung Triton."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        yield sock.getsockname()[1]
+
+
+def test_gateway_metrics_come_back_when_triton_metrics_hang(observed_stack, silent_port, hopper_jpeg):
+    gateway = observed_stack.start_another_gateway("gunicorn-triton-metrics-down", {
+        "GATEWAY_WORKERS": "1", "GATEWAY_TRITON_METRICS_URL": f"http://127.0.0.1:{silent_port}/metrics",
+        "GATEWAY_TRITON_METRICS_TIMEOUT_S": "0.5", "GATEWAY_ACCESS_LOG": "off", "PROMETHEUS_MULTIPROC_DIR": "",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": ""})
+    try:
+        detected = requests.post(gateway.url + "/v1/detect", data=hopper_jpeg, headers={"Content-Type": "image/jpeg"})
+        assert detected.status_code == 200  # inference does not need Triton's metrics port
+        started = time.monotonic()
+        response = requests.get(gateway.url + "/metrics", timeout=10)
+        elapsed = time.monotonic() - started
+        assert response.status_code == 200 and elapsed < 3
+        text = response.text
+        assert "gateway_triton_metrics_up 0.0" in text
+        assert "flask_http_request_duration_seconds" in text and "gateway_stage_duration_seconds" in text
+        assert "nv_" not in text
+        assert "Triton metrics at" in gateway.log_text()  # said once, why
+    finally:
+        gateway.stop()

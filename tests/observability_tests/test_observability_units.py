@@ -1,0 +1,254 @@
+"""The observability building blocks without servers: Triton-metrics merge, cross-process exemplars, sampler
+and settings, and the Flask app's metrics, errors and access-log records (Triton replaced by a fake)."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from opentelemetry.sdk.trace import sampling
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families as parse_text
+
+from gateway import create_app, triton_metrics
+from gateway.exemplars import ExemplarStore, bucket_bound
+from gateway.metrics import STAGE_BUCKETS
+from gateway.settings import Settings, env_name
+from gateway.tracing import build_sampler
+from gateway.triton_client import ModelDetections, Readiness
+from gateway_helpers import encode
+
+# As tritonserver 2.51 writes it (abridged): counters without _total, a summary whose _count/_sum precede
+# its quantiles, a gauge; plus an untyped sample.
+TRITON_TEXT = """# HELP nv_inference_count Number of inferences performed (does not include cached requests)
+# TYPE nv_inference_count counter
+nv_inference_count{model="mask_detection",version="1"} 3
+nv_inference_count{model="face_detector",version="1"} 3
+# HELP nv_inference_request_summary_us Summary of inference request duration in microseconds
+# TYPE nv_inference_request_summary_us summary
+nv_inference_request_summary_us_count{model="mask_detection",version="1"} 1
+nv_inference_request_summary_us_sum{model="mask_detection",version="1"} 233604
+nv_inference_request_summary_us{model="mask_detection",version="1",quantile="0.5"} 233604
+# HELP nv_cpu_utilization CPU utilization rate [0.0 - 1.0]
+# TYPE nv_cpu_utilization gauge
+nv_cpu_utilization 0.25
+loose_sample{a="b"} NaN
+"""
+
+
+class FakeDetector:
+    def __init__(self, fail_with=None):
+        self.fail_with = fail_with
+
+    def detect(self, image, parameters=None):
+        if self.fail_with:
+            raise self.fail_with
+        h, w = image.shape[:2]
+        return ModelDetections(np.array([[w / 4, h / 4, w / 2, h / 2]], np.float32), np.array([0.9], np.float32),
+                               ["no_mask"], np.array([0.97], np.float32), "1")
+
+    def readiness(self):
+        return Readiness(True, True, "ok")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- Triton's families
+def test_triton_text_is_grouped_and_rendered_unchanged():
+    families = triton_metrics.parse(TRITON_TEXT)
+    assert [(f.name, f.type) for f in families] == [
+        ("nv_inference_count", "counter"), ("nv_inference_request_summary_us", "summary"),
+        ("nv_cpu_utilization", "gauge"), ("loose_sample", "untyped")]
+    assert triton_metrics.render_text(families[:3]) == TRITON_TEXT.split("loose_sample")[0]
+    parsed = {f.name: f for f in parse_text(triton_metrics.render_text(families))}
+    assert parsed["nv_inference_request_summary_us"].type == "summary"
+
+
+def test_triton_families_as_openmetrics_keep_their_series_names():
+    text = triton_metrics.render_openmetrics(triton_metrics.parse(TRITON_TEXT)) + "# EOF\n"
+    families = {f.name: f for f in parse_openmetrics(text)}  # strict parser: a malformed line raises
+    assert families["nv_inference_count"].type == "unknown"  # an OpenMetrics counter would need _total
+    assert {s.name for s in families["nv_inference_count"].samples} == {"nv_inference_count"}
+    assert families["nv_inference_request_summary_us"].type == "summary"
+    assert "loose_sample{a=\"b\"} NaN" in text
+
+
+def test_a_family_the_gateway_already_has_is_dropped():
+    families = triton_metrics.parse(TRITON_TEXT)
+    kept = triton_metrics.without_names(families, {"nv_cpu_utilization", "loose_sample"})
+    assert [f.name for f in kept] == ["nv_inference_count", "nv_inference_request_summary_us"]
+    doubled = triton_metrics.parse(TRITON_TEXT + TRITON_TEXT.split("# HELP nv_cpu")[0])
+    assert [f.name for f in doubled].count("nv_inference_count") == 1
+
+
+def test_fetch_fails_fast_when_refused_and_within_the_timeout_when_hung():
+    started = time.monotonic()
+    refused = triton_metrics.fetch(f"http://127.0.0.1:{_free_port()}/metrics", 2.0)
+    assert not refused.ok and "refused" in refused.error.lower() and time.monotonic() - started < 1.5
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(4)
+        started = time.monotonic()
+        result = triton_metrics.fetch(f"http://127.0.0.1:{hung.getsockname()[1]}/metrics", 0.3)
+        assert not result.ok and 0.25 < time.monotonic() - started < 2
+
+
+# --------------------------------------------------------------------------- exemplars
+def test_bucket_bound_is_the_bucket_prometheus_counts_the_value_in():
+    assert bucket_bound(0.05, STAGE_BUCKETS) == "0.05"  # le is inclusive
+    assert bucket_bound(0.0501, STAGE_BUCKETS) == "0.075"
+    assert bucket_bound(99.0, STAGE_BUCKETS) == "+Inf"
+
+
+def _record_in_child(directory, trace_id):
+    store = ExemplarStore(directory)
+    store.record("gateway_stage_duration_seconds", {"stage": "total"}, STAGE_BUCKETS, 0.2, trace_id)
+    store.flush()
+
+
+def test_exemplars_of_another_worker_process_are_attached(tmp_path):
+    child = multiprocessing.get_context("fork").Process(target=_record_in_child, args=(str(tmp_path), "a" * 32))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    mine = ExemplarStore(str(tmp_path))
+    mine.record("gateway_stage_duration_seconds", {"stage": "decode"}, STAGE_BUCKETS, 0.002, "b" * 32)
+    from prometheus_client import CollectorRegistry, Histogram
+
+    registry = CollectorRegistry()
+    histogram = Histogram("gateway_stage_duration_seconds", "x", ["stage"], buckets=STAGE_BUCKETS, registry=registry)
+    histogram.labels(stage="total").observe(0.2)
+    histogram.labels(stage="decode").observe(0.002)
+    families = mine.attach(registry.collect())
+    exemplars = {(s.labels["stage"], s.labels["le"]): s.exemplar.labels["trace_id"]
+                 for f in families for s in f.samples if s.exemplar is not None}
+    assert exemplars == {("total", "0.2"): "a" * 32, ("decode", "0.0025"): "b" * 32}
+
+
+# --------------------------------------------------------------------------- settings and sampler
+def test_standard_otel_variables_are_read_by_settings():
+    settings = Settings.from_env({"OTEL_SERVICE_NAME": "svc", "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                                  "OTEL_TRACES_SAMPLER_ARG": "0.25",
+                                  "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces",
+                                  "GATEWAY_TRITON_METRICS_URL": "http://t:8002/metrics"})
+    assert (settings.service_name, settings.traces_sampler, settings.traces_sampler_arg) == (
+        "svc", "parentbased_traceidratio", "0.25")
+    assert settings.traces_exported and settings.triton_metrics_url == "http://t:8002/metrics"
+    assert env_name("triton_metrics_url") == "GATEWAY_TRITON_METRICS_URL"
+    assert not Settings(triton_metrics_url="off").triton_metrics_merged
+
+
+def test_sampler_choice():
+    assert build_sampler(Settings()) is sampling.DEFAULT_OFF  # no exporter: only a caller's sampled trace
+    assert build_sampler(Settings(otlp_endpoint="http://c:4318")) is sampling.DEFAULT_ON
+    ratio = build_sampler(Settings(traces_sampler="parentbased_traceidratio", traces_sampler_arg="0.25"))
+    assert isinstance(ratio, sampling.ParentBasedTraceIdRatio) and "0.25" in ratio.get_description()
+    assert build_sampler(Settings(traces_sampler="always_off")) is sampling.ALWAYS_OFF
+    with pytest.raises(ValueError, match="OTEL_TRACES_SAMPLER"):
+        build_sampler(Settings(traces_sampler="sometimes"))
+    with pytest.raises(ValueError, match="OTEL_TRACES_SAMPLER_ARG"):
+        build_sampler(Settings(traces_sampler="traceidratio", traces_sampler_arg="2"))
+
+
+# --------------------------------------------------------------------------- the app's /metrics
+@pytest.fixture(scope="module")
+def fake_triton_metrics():
+    """Triton's metrics port, serving TRITON_TEXT."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = TRITON_TEXT.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/metrics"
+    server.shutdown()
+    server.server_close()
+
+
+def _app(triton_metrics_url, detector=None, **settings):
+    return create_app({"SETTINGS": Settings(triton_metrics_url=triton_metrics_url, access_log="off", **settings),
+                       "DETECTOR": detector or FakeDetector()})
+
+
+def test_app_metrics_merge_triton_and_count_requests_errors_and_images(fake_triton_metrics):
+    client = _app(fake_triton_metrics, traces_sampler="always_on").test_client()
+    jpeg = encode(np.full((300, 400, 3), 90, np.uint8), ".jpg")
+    assert client.post("/v1/detect", data=jpeg, headers={"Content-Type": "image/jpeg"}).status_code == 200
+    assert client.post("/v1/detect", data=b"xx", headers={"Content-Type": "image/jpeg"}).status_code == 400
+    text = client.get("/metrics").get_data(as_text=True)
+    families = {f.name: f for f in parse_text(text)}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("flask_http_request_total", (("method", "POST"), ("status", "200")))] == 1
+    assert samples[("flask_http_request_duration_seconds_count",
+                    (("endpoint", "api.detect"), ("method", "POST"), ("status", "400")))] == 1
+    assert samples[("gateway_errors_total", (("code", "invalid_image"), ("kind", "client")))] == 1
+    assert samples[("gateway_errors_total", (("code", "triton_unreachable"), ("kind", "upstream")))] == 0
+    assert samples[("gateway_detections_total", (("label", "no_mask"),))] == 1
+    assert samples[("gateway_detections_total", (("label", "mask"),))] == 0
+    assert samples[("gateway_image_pixels_sum", ())] == 400 * 300
+    assert samples[("gateway_faces_per_image_count", ())] == 1
+    assert {stage for (name, labels) in samples if name == "gateway_stage_duration_seconds_count"
+            for key, stage in labels} == {"decode", "triton", "encode", "total"}
+    assert samples[("gateway_stage_duration_seconds_count", (("stage", "total"),))] == 2  # the 400 too
+    assert samples[("gateway_triton_metrics_up", ())] == 1
+    assert 'nv_inference_count{model="mask_detection",version="1"} 3\n' in text  # as Triton wrote it
+    assert samples[("gateway_inflight_requests", ())] == 0
+    openmetrics = client.get("/metrics", headers={"Accept": "application/openmetrics-text;version=1.0.0"})
+    parsed = {f.name: f for f in parse_openmetrics(openmetrics.get_data(as_text=True))}
+    with_exemplar = [s for s in parsed["gateway_stage_duration_seconds"].samples if s.exemplar]
+    assert {s.labels["stage"] for s in with_exemplar} == {"decode", "triton", "encode", "total"}
+    assert len({s.exemplar.labels["trace_id"] for s in with_exemplar}) == 2  # both requests were sampled
+    assert all(s.exemplar.value <= float(s.labels["le"]) for s in with_exemplar)
+
+
+def test_unhandled_exceptions_are_counted_and_answered_as_internal_error():
+    client = _app("off", FakeDetector(fail_with=KeyError("secret"))).test_client()
+    response = client.post("/v1/detect", data=encode(np.full((50, 50, 3), 9, np.uint8), ".jpg"),
+                           headers={"Content-Type": "image/jpeg"})
+    assert response.status_code == 500 and response.get_json()["error"]["code"] == "internal_error"
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'flask_http_request_exceptions_total{method="POST",status="500"} 1.0' in text
+    assert 'gateway_errors_total{code="internal_error",kind="internal"} 1.0' in text
+    assert "gateway_triton_metrics_up" not in text  # the merge is off
+
+
+def test_no_exemplar_without_a_sampled_trace(fake_triton_metrics):
+    client = _app(fake_triton_metrics).test_client()  # no exporter, no caller context: nothing sampled
+    client.post("/v1/detect", data=encode(np.full((50, 50, 3), 9, np.uint8), ".jpg"),
+                headers={"Content-Type": "image/jpeg"})
+    text = client.get("/metrics", headers={"Accept": "application/openmetrics-text"}).get_data(as_text=True)
+    assert "trace_id" not in text
+
+
+def test_access_record_has_the_keys_log_analysis_reads(tmp_path):
+    log = tmp_path / "access.log"
+    client = create_app({"SETTINGS": Settings(triton_metrics_url="off", access_log=str(log)),
+                         "DETECTOR": FakeDetector()}).test_client()
+    client.post("/v1/detect", data=encode(np.full((60, 80, 3), 9, np.uint8), ".png"),
+                headers={"Content-Type": "image/png", "X-Request-ID": "req-1",
+                         "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"})
+    client.get("/healthz")  # probes are not logged
+    client.post("/v1/detect", data=b"", headers={"Content-Type": "image/png"})
+    first, second = (json.loads(line) for line in log.read_text().splitlines())
+    assert first["request_id"] == "req-1" and first["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert (first["route"], first["method"], first["status"], first["image_width"], first["image_height"],
+            first["faces"], first["error_code"]) == ("/v1/detect", "POST", 200, 80, 60, 1, None)
+    assert first["ts"].endswith("Z") and first["duration_ms"] > 0
+    assert second["status"] == 400 and second["error_code"] == "empty_body" and second["trace_id"] is None
