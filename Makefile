@@ -22,8 +22,9 @@ $(INSTALLED): setup.cfg pyproject.toml
 venv: $(INSTALLED)
 
 # Debian packages the tests run for real: libpython for Triton's Python-backend stub, libb64 for perf_analyzer,
-# Chromium for the web page, Prometheus (promtool) and Alertmanager (amtool) for rules and dashboards.
-SYSTEM_PACKAGES := libpython3.11 libb64-0d chromium chromium-driver prometheus prometheus-alertmanager
+# Chromium for the web page, Prometheus (promtool) and Alertmanager (amtool) for rules and dashboards,
+# wrk for the gateway benchmark.
+SYSTEM_PACKAGES := libpython3.11 libb64-0d chromium chromium-driver prometheus prometheus-alertmanager wrk
 system-deps:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

@@ -1,73 +1,236 @@
-"""`python -m benchmarks` (what `make bench` runs): reference pipeline and Triton, side by side, one results folder.
+"""`python -m benchmarks` (what `make bench` runs): the same image set through three layers, one results folder.
 
-    python -m benchmarks                      # reference 20 s + full Triton sweep (about 3 minutes)
-    python -m benchmarks --reference-duration 5 --concurrency 1:2 --models mask_detection
+  1. in-process: ReferencePipeline (ONNX Runtime, no server) — the ceiling;
+  2. Triton direct: perf_analyzer over gRPC against mask_detection (concurrency sweep), plus a short
+     sweep of each composing model;
+  3. gateway: wrk over HTTP against gunicorn + Flask in front of the same tritonserver (same sweep).
 
-Results: benchmarks/results/<timestamp>/{reference.json, triton.json, summary.json, triton/*}.
+One tritonserver serves layers 2 and 3, and their levels are measured alternately (Triton c=1, gateway
+c=1, gateway c=2, Triton c=2, ...) so other load on the machine affects both alike. Every phase has a
+time budget: the defaults take about 4-5 minutes on a 2-core machine, the planned bound (printed on
+every progress line) is 6 minutes, and a level already running can overrun it by its own length only.
+
+    python -m benchmarks                                 # everything, default budgets
+    python -m benchmarks --quick                         # ~1.5 minutes: fewer levels, shorter windows
+    python -m benchmarks --concurrency 1,2,4 --component-concurrency none --skip-gateway
+
+Results: benchmarks/results/<timestamp>/ — summary.json (machine facts, versions, every layer,
+the ratios against the targets), summary.md, throughput.png, latency.png, reference.json,
+reference-nospin.json, triton.json, gateway.json and the raw tool output under triton/ and gateway/.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
-from benchmarks import bench_reference, bench_triton
-from benchmarks.common import machine_line, results_dir, write_json
+from benchmarks import bench_gateway, bench_reference, bench_triton, report
+from benchmarks.common import results_dir, uptime_line, write_json
 from benchmarks.model_inputs import ENSEMBLE, MODELS
 from ensemble.perf_analyzer import PerfAnalyzerError
 from ensemble.reference import DEFAULT_REPOSITORY
-from ensemble.triton.launcher import TritonStartError
+from ensemble.triton.launcher import TritonServer, TritonStartError
+
+# The in-process ceiling is the faster of ONNX Runtime's defaults and the same with spin-waiting off
+# (on 2 shared cores ORT's spinning worker threads can halve the rate); each gets half the reference time.
+REFERENCE_VARIANTS = (("reference", None), ("reference-nospin", False))
+SERVER_START_ALLOWANCE_S = 20.0  # tritonserver start (typically 3-15 s on 2 cores), for the printed estimate
+REPORT_ALLOWANCE_S = 10.0  # model loading for the reference run, the report and plots
 
 
-def comparison(reference: dict, triton: dict | None) -> dict:
-    """Headline figures: in-process images/s against the ensemble's best stable throughput."""
-    summary = {"reference_images_per_s": reference["results"]["throughput_images_per_s"],
-               "reference_p50_ms": reference["results"]["latency_per_request"]["p50_ms"],
-               "machine": machine_line(reference["machine"])}
-    levels = [level for level in ((triton or {}).get("models", {}).get(ENSEMBLE, {}).get("levels", []))
-              if level.get("ok")]
-    if levels:
-        best = max(levels, key=lambda level: level["throughput_infer_per_s"])
-        single = next((level for level in levels if level["concurrency"] == 1), None)
-        summary.update(
-            triton_best_images_per_s=best["throughput_infer_per_s"], triton_best_concurrency=best["concurrency"],
-            triton_best_stable=best.get("stable", True),
-            triton_c1_p50_ms=single and round(single["p50_latency_us"] / 1e3, 2),
-            triton_vs_reference=round(best["throughput_infer_per_s"] / summary["reference_images_per_s"], 3))
+class Progress:
+    """Log lines prefixed with the elapsed time, the phase and what is left of the planned time."""
+
+    def __init__(self, planned_s: float, phases: int, out: Callable[[str], None] = print):
+        self.started = time.monotonic()
+        self.planned_s = planned_s
+        self.phases = phases
+        self.phase = 0
+        self.name = ""
+        self.out = out
+
+    @staticmethod
+    def clock(seconds: float) -> str:
+        seconds = max(0, int(round(seconds)))
+        return f"{seconds // 60}:{seconds % 60:02d}"
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+    def begin(self, name: str, detail: str = "") -> None:
+        self.phase += 1
+        self.name = name
+        self.log(f"=== {name}{': ' + detail if detail else ''}")
+
+    def log(self, message: str) -> None:
+        elapsed = self.elapsed_s
+        share = min(elapsed / self.planned_s, 0.99) if self.planned_s else 0
+        bar = "#" * int(share * 20)
+        self.out(f"[{bar:<20}] {self.clock(elapsed)} / ≤{self.clock(self.planned_s)}  "
+                 f"{self.phase}/{self.phases} {message}")
+
+
+def _levels(text: str) -> list[int]:
+    return [] if text.strip().lower() in ("", "none", "0") else bench_triton.parse_concurrency(text)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="short smoke run (~1.5 min): 6 s reference, levels 1,2,4, no composing models, "
+                             "1.5 s perf_analyzer windows, 3 s gateway levels")
+    parser.add_argument("--reference-duration", type=float,
+                        help="measured in-process seconds, split between ORT defaults and spinning off (default 30)")
+    parser.add_argument("--reference-defaults-only", action="store_true",
+                        help="measure the in-process pipeline with ONNX Runtime's defaults only")
+    parser.add_argument("--concurrency", type=bench_triton.parse_concurrency,
+                        help="levels for mask_detection and the gateway (default 1,2,3,4,6)")
+    parser.add_argument("--component-concurrency", type=_levels,
+                        help="levels for the composing models, 'none' to skip them (default 1,2)")
+    parser.add_argument("--models", default=",".join(MODELS), help="Triton models to drive (default all five)")
+    parser.add_argument("--triton-budget-s", type=float, help="budget of the Triton sweep (default 200)")
+    parser.add_argument("--gateway-budget-s", type=float, help="budget of the gateway sweep (default 100)")
+    parser.add_argument("--gateway-duration", type=int, help="wrk seconds per level (default 10)")
+    parser.add_argument("--gateway-warmup", type=int, default=2, help="unmeasured wrk seconds first (default 2)")
+    parser.add_argument("--measurement-interval-ms", type=int, help="perf_analyzer window (default 2500)")
+    parser.add_argument("--workers", type=int, help="gunicorn workers (default: the gateway's own default)")
+    parser.add_argument("--threads", type=int, help="threads per gunicorn worker (default: the gateway's)")
+    parser.add_argument("--skip-triton", action="store_true", help="no perf_analyzer sweep")
+    parser.add_argument("--skip-gateway", action="store_true", help="no gateway sweep")
+    parser.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
+    parser.add_argument("--results-dir", type=Path, help="default: benchmarks/results/<timestamp>/")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    defaults = {"reference_duration": 6.0 if quick else 30.0, "concurrency": [1, 2, 4] if quick else [1, 2, 3, 4, 6],
+                "component_concurrency": [] if quick else [1, 2], "triton_budget_s": 60.0 if quick else 200.0,
+                "gateway_budget_s": 35.0 if quick else 100.0, "gateway_duration": 3 if quick else 10,
+                "measurement_interval_ms": 1500 if quick else 2500}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def run(args: argparse.Namespace, *, server=None, out: Callable[[str], None] = print) -> dict:
+    """All layers into args.results_dir (or a new timestamped folder); returns the summary document.
+
+    `server`: a running TritonServer to use for layers 2 and 3 instead of starting one (tests).
+    """
+    output_dir = args.results_dir or results_dir()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    models = [model.strip() for model in args.models.split(",") if model.strip()]
+    if not args.component_concurrency:
+        models = [model for model in models if model == ENSEMBLE]
+    unknown = set(models) - set(MODELS)
+    if unknown:
+        raise SystemExit(f"unknown models {sorted(unknown)}; known: {', '.join(MODELS)}")
+    servers = not (args.skip_triton and args.skip_gateway)
+    planned = (args.reference_duration + REPORT_ALLOWANCE_S + (SERVER_START_ALLOWANCE_S if servers else 0)
+               + (0 if args.skip_triton else args.triton_budget_s)
+               + (0 if args.skip_gateway else args.gateway_budget_s))
+    phases = 2 + (2 if servers else 0) + (0 if args.skip_triton or not args.component_concurrency else 1)
+    progress = Progress(planned, phases=phases, out=out)
+    uptime_start = uptime_line()
+    progress.log(f"results: {output_dir}")
+    progress.log(f"uptime: {uptime_start}")
+
+    variants = REFERENCE_VARIANTS[: 1 if args.reference_defaults_only else None]
+    each_s = args.reference_duration / len(variants)
+    progress.begin("in-process reference", f"{len(variants)} ONNX Runtime configurations x {each_s:g} s, "
+                                           "one frame per call")
+    references = []
+    for (name, spinning) in variants:
+        reference = bench_reference.run(each_s, spinning=spinning, repository=args.model_repository)
+        write_json(output_dir / f"{name}.json", reference)
+        references.append(reference)
+        progress.log(bench_reference.summary(reference).splitlines()[0])
+
+    triton_sweep = gateway_sweep = None
+    if not args.skip_triton:
+        triton_sweep = bench_triton.TritonSweep(
+            models=models, concurrency=args.concurrency, repository=args.model_repository, output_dir=output_dir,
+            settings=replace(bench_triton.Settings(), measurement_interval_ms=args.measurement_interval_ms),
+            budget_s=args.triton_budget_s, log=progress.log,
+            model_concurrency={model: args.component_concurrency for model in models if model != ENSEMBLE})
+    if not args.skip_gateway:
+        gateway_sweep = bench_gateway.GatewaySweep(
+            concurrency=args.concurrency, repository=args.model_repository, output_dir=output_dir,
+            settings=replace(bench_gateway.Settings(), duration_s=args.gateway_duration,
+                             warmup_s=args.gateway_warmup, workers=args.workers, threads=args.threads),
+            budget_s=args.gateway_budget_s, log=progress.log)
+    triton = gateway = None
+    with ExitStack() as stack:
+        if servers:
+            progress.begin("servers", "tritonserver, perf_analyzer inputs, gateway, checks and warm-up")
+        started_here = servers and server is None
+        if started_here:
+            workdir = output_dir / "triton"
+            workdir.mkdir(exist_ok=True)
+            server = stack.enter_context(TritonServer(args.model_repository, log_file=workdir / "tritonserver.log"))
+            progress.log(f"tritonserver ready in {server.startup_s:.1f} s at {server.grpc_url}")
+        try:
+            if triton_sweep:
+                triton_sweep.prepare(server, started_here=started_here)
+                progress.log(f"perf_analyzer {triton_sweep.document['perf_analyzer']['version']}, inputs for "
+                             f"{', '.join(models)}")
+            if gateway_sweep:
+                gateway_sweep.start(server)
+            # mask_detection and the gateway level by level, alternating which goes first, so a change in the
+            # machine's other load hits both sweeps alike instead of one whole sweep.
+            ensemble = triton_sweep is not None and ENSEMBLE in models
+            if ensemble or gateway_sweep:
+                progress.begin("Triton direct (perf_analyzer, gRPC) and gateway (wrk, HTTP), level by level",
+                               f"c={','.join(map(str, args.concurrency))}")
+            for index, level in enumerate(args.concurrency):
+                steps = ([lambda level=level: triton_sweep.level(ENSEMBLE, level)] if ensemble else []) + (
+                    [lambda level=level: gateway_sweep.level(level)] if gateway_sweep else [])
+                for step in steps[::-1] if index % 2 else steps:
+                    step()
+            if gateway_sweep:
+                gateway, gateway_sweep = gateway_sweep.finish(), None  # stops gunicorn
+            if triton_sweep and triton_sweep.pending():
+                progress.begin("composing models (perf_analyzer)",
+                               f"c={','.join(map(str, args.component_concurrency))}; Triton budget left "
+                               f"{triton_sweep.remaining_s:.0f} s")
+                for model, level in triton_sweep.pending():
+                    triton_sweep.level(model, level)
+        finally:
+            if gateway_sweep:
+                gateway = gateway_sweep.finish()
+            if triton_sweep:
+                triton = triton_sweep.finish()
+
+    progress.begin("report")
+    summary = report.summarize(
+        references, triton, gateway, uptime_start=uptime_start, uptime_end=uptime_line(),
+        elapsed_s=round(progress.elapsed_s, 1),
+        settings={"reference_duration_s": args.reference_duration,
+                  "reference_variants": [name for name, _ in variants], "concurrency": args.concurrency,
+                  "component_concurrency": args.component_concurrency, "models": models,
+                  "triton_budget_s": None if args.skip_triton else args.triton_budget_s,
+                  "gateway_budget_s": None if args.skip_gateway else args.gateway_budget_s,
+                  "gateway_duration_s": args.gateway_duration, "model_repository": str(args.model_repository)})
+    paths = report.write_report(summary, output_dir)
+    progress.log(f"wrote {', '.join(path.name for path in paths.values())}")
+    out("")
+    out(report.console_table(summary))
+    out(f"results: {output_dir}  ({progress.clock(progress.elapsed_s)} in all)")
     return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reference-duration", type=float, default=20.0)
-    parser.add_argument("--skip-triton", action="store_true")
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--concurrency", type=bench_triton.parse_concurrency, default=[1, 2, 3, 4])
-    parser.add_argument("--budget-s", type=float, default=170.0, help="wall-clock budget of the Triton sweep")
-    parser.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
-    parser.add_argument("--results-dir", type=Path, help="default: benchmarks/results/<timestamp>/")
-    args = parser.parse_args(argv)
-
-    output_dir = args.results_dir or results_dir()
-    reference = bench_reference.run(args.reference_duration, repository=args.model_repository)
-    write_json(output_dir / "reference.json", reference)
-    print(bench_reference.summary(reference), flush=True)
-    triton = None
-    if not args.skip_triton:
-        try:
-            triton = bench_triton.run(models=[m.strip() for m in args.models.split(",") if m.strip()],
-                                      concurrency=args.concurrency, repository=args.model_repository,
-                                      output_dir=output_dir, budget_s=args.budget_s,
-                                      log=lambda message: print(message, flush=True))
-        except (PerfAnalyzerError, TritonStartError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-    summary = comparison(reference, triton)
-    write_json(output_dir / "summary.json", summary)
-    print("\n".join(f"  {key}: {value}" for key, value in summary.items()))
-    print(f"results: {output_dir}")
+    args = parse_args(argv)
+    try:
+        run(args, out=lambda line: print(line, flush=True))
+    except (PerfAnalyzerError, TritonStartError, bench_gateway.GatewayBenchError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

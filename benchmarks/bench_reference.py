@@ -14,22 +14,51 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import onnxruntime as ort
+
 from benchmarks.common import latency_summary, machine_info, machine_line, results_dir, write_json
 from benchmarks.image_set import benchmark_images, describe
-from ensemble.reference import DEFAULT_REPOSITORY, ReferencePipeline
+from ensemble.reference import DEFAULT_REPOSITORY, MODEL_FILE, ReferencePipeline
 
 SCHEMA = "facemask.bench.reference/1"
 
 
+def ort_session(path: Path, threads: int | None, spinning: bool | None) -> ort.InferenceSession:
+    """A CPU session like ReferencePipeline's, with ONNX Runtime's intra-op spin-waiting switched on or off.
+
+    ORT's intra-op worker threads spin after each operator by default; on a machine whose cores are
+    shared (2 cores, several processes) that spinning takes CPU from everyone else, this process included.
+    """
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    if spinning is not None:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def pipeline_for(repository: Path, threads: int | None = None, spinning: bool | None = None) -> ReferencePipeline:
+    """ReferencePipeline, its two ONNX Runtime sessions rebuilt when `spinning` is set."""
+    pipeline = ReferencePipeline(repository, threads=threads)
+    if spinning is not None:
+        pipeline.detector = ort_session(Path(repository) / "face_detector" / MODEL_FILE, threads, spinning)
+        pipeline.classifier = ort_session(Path(repository) / "mask_classifier" / MODEL_FILE, threads, spinning)
+    return pipeline
+
+
 def run(duration_s: float = 20.0, *, warmup_passes: int = 1, batch_size: int = 1, threads: int | None = None,
-        repository: Path = DEFAULT_REPOSITORY, min_requests: int = 1) -> dict:
-    """Run for about `duration_s` seconds after warm-up; return the result document."""
+        spinning: bool | None = None, repository: Path = DEFAULT_REPOSITORY, min_requests: int = 1) -> dict:
+    """Run for about `duration_s` seconds after warm-up; return the result document.
+
+    `threads`: ONNX Runtime intra-op threads (None: ORT's default, one per core); `spinning`: False
+    switches ORT's spin-waiting off (None: ORT's default, on).
+    """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     machine = machine_info()  # before the run: the load average is about the machine, not about us
     images = benchmark_images()
     frames = list(images.values())
-    pipeline = ReferencePipeline(repository, threads=threads)
+    pipeline = pipeline_for(repository, threads, spinning)
     for _ in range(warmup_passes):
         for frame in frames:
             pipeline.detect(frame)
@@ -55,7 +84,8 @@ def run(duration_s: float = 20.0, *, warmup_passes: int = 1, batch_size: int = 1
         "machine": machine,
         "image_set": describe(images),
         "settings": {"duration_s": duration_s, "warmup_passes": warmup_passes, "batch_size": batch_size,
-                     "ort_intra_op_threads": threads, "model_repository": str(repository)},
+                     "ort_intra_op_threads": threads, "ort_allow_spinning": spinning,
+                     "model_repository": str(repository)},
         "results": {
             "images": processed,
             "requests": len(latencies),
@@ -72,7 +102,11 @@ def run(duration_s: float = 20.0, *, warmup_passes: int = 1, batch_size: int = 1
 def summary(document: dict) -> str:
     results, settings = document["results"], document["settings"]
     latency = results["latency_per_request"]
-    return (f"reference pipeline: {results['throughput_images_per_s']:.1f} images/s "
+    spinning = settings.get("ort_allow_spinning")
+    variant = "ORT defaults" if spinning is None and not settings.get("ort_intra_op_threads") else ", ".join(
+        filter(None, [settings.get("ort_intra_op_threads") and f"{settings['ort_intra_op_threads']} ORT threads",
+                      spinning is not None and f"spinning {'on' if spinning else 'off'}"]))
+    return (f"reference pipeline [{variant}]: {results['throughput_images_per_s']:.1f} images/s "
             f"(batch {settings['batch_size']}, {results['images']} images in {results['elapsed_s']:.1f} s, "
             f"p50 {latency['p50_ms']:.1f} ms, p99 {latency['p99_ms']:.1f} ms, "
             f"{results['cpu_utilization_cores']:.2f} cores busy)\n"
@@ -86,13 +120,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup-passes", type=int, default=1, help="unmeasured passes over the image set")
     parser.add_argument("--batch-size", type=int, default=1, help="frames per detect_batch call (default 1)")
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's choice)")
+    parser.add_argument("--no-spinning", action="store_true",
+                        help="switch ONNX Runtime's intra-op spin-waiting off (default: ORT's default, on)")
     parser.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
     parser.add_argument("--results-dir", type=Path, help="default: benchmarks/results/<timestamp>/")
     parser.add_argument("--output", type=Path, help="default: <results-dir>/reference.json")
     args = parser.parse_args(argv)
 
     document = run(args.duration, warmup_passes=args.warmup_passes, batch_size=args.batch_size,
-                   threads=args.threads, repository=args.model_repository)
+                   threads=args.threads, spinning=False if args.no_spinning else None,
+                   repository=args.model_repository)
     output = args.output or (args.results_dir or results_dir()) / "reference.json"
     write_json(output, document)
     print(summary(document))

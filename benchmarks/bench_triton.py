@@ -31,9 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import machine_info, machine_line, results_dir, write_json
+from benchmarks.cpu import CpuMeter, triton_session
 from benchmarks.image_set import benchmark_images, describe
 from benchmarks.model_inputs import ENSEMBLE, MODELS, model_requests
-from benchmarks.triton_stats import model_stats, stats_delta
+from benchmarks.triton_stats import model_stats, server_version, stats_delta
 from ensemble.perf_analyzer import PerfAnalyzer, PerfAnalyzerError, ensure_perf_analyzer, parse_csv, write_input_data
 from ensemble.reference import DEFAULT_REPOSITORY, ReferencePipeline
 from ensemble.triton.launcher import TritonServer, TritonStartError
@@ -98,7 +99,7 @@ def _perf_run(analyzer: PerfAnalyzer, args: list[str], timeout: float, log_file:
 
 def measure(analyzer: PerfAnalyzer, *, grpc_url: str, http_url: str, model: str, input_file: Path,
             concurrency: int, settings: Settings, workdir: Path, trials: int | None = None,
-            fallback: bool = True) -> dict:
+            fallback: bool = True, cpu: CpuMeter | None = None) -> dict:
     """One concurrency level: perf_analyzer's CSV row plus every model's server-side statistics deltas.
 
     perf_analyzer first measures until `stability_percentage` holds over 3 windows (at most `trials`
@@ -111,7 +112,9 @@ def measure(analyzer: PerfAnalyzer, *, grpc_url: str, http_url: str, model: str,
     log_file.unlink(missing_ok=True)
     common = ["-m", model, "-u", grpc_url, *settings.arguments(), "--input-data", str(input_file),
               "--concurrency-range", f"{concurrency}:{concurrency}", "-f", str(csv_file)]
+    cpu = cpu or CpuMeter(None)
     before = model_stats(http_url)
+    cpu.start()
     began = time.monotonic()
     returncode, output = _perf_run(analyzer, [*common, "-r", str(trials)], settings.level_s(trials) * 2 + 30,
                                    log_file)
@@ -128,7 +131,11 @@ def measure(analyzer: PerfAnalyzer, *, grpc_url: str, http_url: str, model: str,
         returncode, output = _perf_run(analyzer, [*common, "--request-count", str(count)],
                                        settings.level_s(4) * 2 + 30, log_file)
     level["wall_s"] = round(time.monotonic() - began, 2)
+    server_cpu_s = cpu.stop()
     level["server_models"] = stats_delta(before, model_stats(http_url))
+    served = level["server_models"].get(model, {}).get("requests", 0)
+    level["server_cpu_s"] = server_cpu_s
+    level["server_cpu_ms_per_infer"] = round(server_cpu_s * 1e3 / served, 2) if server_cpu_s and served else None
     if returncode == 0 and csv_file.is_file():
         row = parse_csv(csv_file)[0]
         row.pop("concurrency", None)
@@ -166,69 +173,131 @@ def describe_requests(requests: Sequence[Mapping[str, np.ndarray]]) -> dict:
     return {"requests": len(requests), "tensors": tensors}
 
 
+class TritonSweep:
+    """The Triton benchmark in steps, so another layer's levels can be interleaved with this one's.
+
+    prepare(server) -> level(model, concurrency) ... -> finish() (writes <output_dir>/triton.json).
+    The time budget counts this sweep's own steps only (input preparation, warm-ups, levels).
+    """
+
+    def __init__(self, *, models: Sequence[str] = MODELS, concurrency: Sequence[int] = (1, 2, 3, 4),
+                 settings: Settings = Settings(), repository: Path = DEFAULT_REPOSITORY,
+                 output_dir: Path | None = None, budget_s: float = 170.0, keep_inputs: bool = False, log=print,
+                 model_concurrency: Mapping[str, Sequence[int]] | None = None):
+        self.models, self.settings, self.repository = list(models), settings, Path(repository)
+        self.budget_s, self.keep_inputs, self.log = budget_s, keep_inputs, log
+        self.levels_of = {model: list((model_concurrency or {}).get(model, concurrency)) for model in models}
+        self.output_dir = Path(output_dir) if output_dir else results_dir()
+        self.workdir = self.output_dir / "triton"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.spent_s = 0.0
+        self.server = None
+        self.files: dict[str, Path] = {}
+        self.requests: dict = {}
+        self._warm: set[str] = set()
+        self._cpu = CpuMeter(None)
+        self.inputs_dir = self.workdir / "inputs" if keep_inputs else Path(tempfile.mkdtemp(prefix="perf-inputs-"))
+        self.document = {
+            "schema": SCHEMA,
+            "benchmark": "triton",
+            "description": "perf_analyzer (gRPC, sync, batch 1 per request) against the embedded tritonserver",
+            "machine": machine_info(),
+            "settings": {**asdict(settings), "concurrency": list(concurrency), "model_concurrency": self.levels_of,
+                         "budget_s": budget_s, "model_repository": str(repository)},
+            "models": {},
+        }
+
+    @property
+    def remaining_s(self) -> float:
+        return self.budget_s - self.spent_s
+
+    def prepare(self, server, *, started_here: bool = False) -> None:
+        """perf_analyzer, the --input-data files of every model, the server's facts."""
+        began = time.monotonic()
+        self.analyzer = ensure_perf_analyzer(log=self.log)
+        images = benchmark_images()
+        # Inputs come from the reference pipeline of the served repository (the canonical one for a partial one).
+        reference = (self.repository if (self.repository / "postprocess" / "config.pbtxt").is_file()
+                     else DEFAULT_REPOSITORY)
+        self.requests = model_requests(images, ReferencePipeline(reference), tuple(self.models))
+        self.files = {model: write_input_data(self.inputs_dir / f"{model}.json", self.requests[model])
+                      for model in self.models}
+        self.server = server
+        self._cpu = CpuMeter(triton_session(server.grpc_url))
+        startup_s = getattr(server, "startup_s", None)
+        self.document.update(
+            image_set=describe(images),
+            perf_analyzer={"version": self.analyzer.version(), "binary": str(self.analyzer.binary)},
+            server={"startup_s": startup_s and round(startup_s, 2), "grpc_url": server.grpc_url,
+                    "started_here": started_here, "version": server_version(server.http_url)})
+        for model in self.models:
+            self.document["models"][model] = {"inputs": describe_requests(self.requests[model]), "levels": []}
+        self.spent_s += time.monotonic() - began
+
+    def level(self, model: str, concurrency: int) -> dict:
+        """Measure one level (warming the model up first if this is its first), record it, log it."""
+        began = time.monotonic()
+        if model not in self._warm:
+            warm_up(self.server.grpc_url, model, self.requests[model])
+            self._warm.add(model)
+        settings = self.settings
+        # Fewer windows when the budget runs short; none below the 3 stability needs.
+        remaining = self.budget_s - self.spent_s - (time.monotonic() - began)
+        trials = min(settings.max_trials, int((remaining - RUN_OVERHEAD_S) / settings.interval_s))
+        if trials < MIN_TRIALS:
+            result = {"concurrency": concurrency, "ok": False, "skipped": "time budget spent"}
+        else:
+            fallback = remaining - settings.level_s(trials) > settings.level_s(3)
+            result = measure(self.analyzer, grpc_url=self.server.grpc_url, http_url=self.server.http_url,
+                             model=model, input_file=self.files[model], concurrency=concurrency,
+                             settings=settings, workdir=self.workdir, trials=trials, fallback=fallback, cpu=self._cpu)
+        self.document["models"][model]["levels"].append(result)
+        self.log(level_line(model, result))
+        self.spent_s += time.monotonic() - began
+        return result
+
+    def pending(self) -> list[tuple[str, int]]:
+        """(model, concurrency) pairs not measured yet, in sweep order."""
+        done = {(model, level["concurrency"]) for model, entry in self.document["models"].items()
+                for level in entry["levels"]}
+        return [(model, level) for model in self.models for level in self.levels_of[model]
+                if (model, level) not in done]
+
+    def finish(self) -> dict:
+        if not self.keep_inputs:
+            shutil.rmtree(self.inputs_dir, ignore_errors=True)
+        self.document["elapsed_s"] = round(self.spent_s, 1)
+        write_json(self.output_dir / "triton.json", self.document)
+        return self.document
+
+
 def run(*, models: Sequence[str] = MODELS, concurrency: Sequence[int] = (1, 2, 3, 4),
         settings: Settings = Settings(), repository: Path = DEFAULT_REPOSITORY, output_dir: Path | None = None,
-        budget_s: float = 170.0, keep_inputs: bool = False, server=None, log=print) -> dict:
+        budget_s: float = 170.0, keep_inputs: bool = False, server=None, log=print,
+        model_concurrency: Mapping[str, Sequence[int]] | None = None) -> dict:
     """The whole benchmark; returns the result document (also written to <output_dir>/triton.json).
 
     `server`: an already running TritonServer (anything with grpc_url, http_url, startup_s) serving
-    `repository`; by default one is started for the run and stopped after it.
+    `repository`; by default one is started for the run (its start counts against the budget).
+    `model_concurrency`: levels for some models (e.g. a shorter sweep for the composing models);
+    the others get `concurrency`.
     """
-    started = time.monotonic()
-    machine = machine_info()
-    output_dir = Path(output_dir) if output_dir else results_dir()
-    workdir = output_dir / "triton"
-    workdir.mkdir(parents=True, exist_ok=True)
-    analyzer = ensure_perf_analyzer(log=log)
-    images = benchmark_images()
-    # Inputs come from the reference pipeline of the served repository (the canonical one for a partial repository).
-    reference = repository if (Path(repository) / "postprocess" / "config.pbtxt").is_file() else DEFAULT_REPOSITORY
-    requests = model_requests(images, ReferencePipeline(reference), tuple(models))
-
-    inputs_dir = workdir / "inputs" if keep_inputs else Path(tempfile.mkdtemp(prefix="perf-inputs-"))
-    document = {
-        "schema": SCHEMA,
-        "benchmark": "triton",
-        "description": "perf_analyzer (gRPC, sync, batch 1 per request) against the embedded tritonserver",
-        "machine": machine,
-        "image_set": describe(images),
-        "settings": {**asdict(settings), "concurrency": list(concurrency), "budget_s": budget_s,
-                     "model_repository": str(repository)},
-        "perf_analyzer": {"version": analyzer.version(), "binary": str(analyzer.binary)},
-        "models": {},
-    }
+    sweep = TritonSweep(models=models, concurrency=concurrency, settings=settings, repository=repository,
+                        output_dir=output_dir, budget_s=budget_s, keep_inputs=keep_inputs, log=log,
+                        model_concurrency=model_concurrency)
     try:
-        files = {model: write_input_data(inputs_dir / f"{model}.json", requests[model]) for model in models}
         with ExitStack() as stack:
             started_here = server is None
             if started_here:
-                server = stack.enter_context(TritonServer(repository, log_file=workdir / "tritonserver.log"))
+                began = time.monotonic()
+                server = stack.enter_context(TritonServer(repository, log_file=sweep.workdir / "tritonserver.log"))
+                sweep.spent_s += time.monotonic() - began
                 log(f"tritonserver ready in {server.startup_s:.1f} s at {server.grpc_url}")
-            startup_s = getattr(server, "startup_s", None)
-            document["server"] = {"startup_s": startup_s and round(startup_s, 2),
-                                  "grpc_url": server.grpc_url, "started_here": started_here}
-            for model in models:
-                entry = document["models"][model] = {"inputs": describe_requests(requests[model]), "levels": []}
-                warm_up(server.grpc_url, model, requests[model])
-                for level in concurrency:
-                    # Fewer windows when the budget runs short; none below the 3 stability needs.
-                    remaining = budget_s - (time.monotonic() - started)
-                    trials = min(settings.max_trials, int((remaining - RUN_OVERHEAD_S) / settings.interval_s))
-                    if trials < MIN_TRIALS:
-                        entry["levels"].append({"concurrency": level, "ok": False, "skipped": "time budget spent"})
-                        log(f"{model:16s} c={level}: skipped, time budget spent")
-                        continue
-                    fallback = remaining - settings.level_s(trials) > settings.level_s(3)
-                    result = measure(analyzer, grpc_url=server.grpc_url, http_url=server.http_url, model=model,
-                                     input_file=files[model], concurrency=level, settings=settings,
-                                     workdir=workdir, trials=trials, fallback=fallback)
-                    entry["levels"].append(result)
-                    log(level_line(model, result))
+            sweep.prepare(server, started_here=started_here)
+            for model, level in sweep.pending():
+                sweep.level(model, level)
     finally:
-        if not keep_inputs:
-            shutil.rmtree(inputs_dir, ignore_errors=True)
-    document["elapsed_s"] = round(time.monotonic() - started, 1)
-    write_json(output_dir / "triton.json", document)
+        document = sweep.finish()
     return document
 
 
@@ -244,7 +313,9 @@ def level_line(model: str, level: dict) -> str:
     return (f"{model:16s} c={level['concurrency']}: {level['throughput_infer_per_s']:7.1f} infer/s  "
             f"p50 {level['p50_latency_us'] / 1e3:7.1f} ms  p95 {level['p95_latency_us'] / 1e3:7.1f} ms  "
             f"p99 {level['p99_latency_us'] / 1e3:7.1f} ms  queue {queue_us / 1e3:6.1f} ms  "
-            f"compute {level['server_compute_infer_us'] / 1e3:6.1f} ms  batch {own.get('mean_batch_size')}{flag}")
+            f"compute {level['server_compute_infer_us'] / 1e3:6.1f} ms  batch {own.get('mean_batch_size')}"
+            + (f"  cpu {level['server_cpu_ms_per_infer']:.0f} ms/infer" if level.get("server_cpu_ms_per_infer") else "")
+            + flag)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

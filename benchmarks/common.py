@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -14,7 +15,8 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
-PACKAGES = ("numpy", "opencv-python-headless", "onnxruntime", "nvidia-pytriton", "tritonclient")
+PACKAGES = ("numpy", "opencv-python-headless", "onnxruntime", "nvidia-pytriton", "tritonclient", "grpcio",
+            "flask", "gunicorn", "matplotlib")
 
 
 def cpu_model() -> str:
@@ -43,6 +45,42 @@ def load_average() -> list[float] | None:
         return None
 
 
+def memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def gpus() -> list[dict]:
+    """NVIDIA GPUs as nvidia-smi lists them ([] where there is none or no driver)."""
+    binary = shutil.which("nvidia-smi")
+    if not binary:
+        return []
+    try:
+        result = subprocess.run([binary, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    found = []
+    for line in result.stdout.splitlines() if result.returncode == 0 else []:
+        name, memory, driver = (part.strip() for part in (line.split(",") + ["", ""])[:3])
+        found.append({"name": name, "memory": memory, "driver": driver})
+    return found
+
+
+def uptime_line() -> str:
+    """What `uptime` prints (the load average the figures were taken under)."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        load = load_average()
+        return f"load average: {', '.join(map(str, load))}" if load else "unknown"
+
+
 def git_revision() -> str | None:
     try:
         result = subprocess.run(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
@@ -64,7 +102,10 @@ def machine_info() -> dict:
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "usable_cores": usable_cores(),
+        "memory_gib": memory_gib(),
+        "gpus": gpus(),
         "load_average_1_5_15": load_average(),
+        "uptime": uptime_line(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "packages": versions,

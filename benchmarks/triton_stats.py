@@ -48,3 +48,12 @@ def stats_delta(before: dict[str, dict], after: dict[str, dict]) -> dict[str, di
             model[f"{phase}_us"] = round(ns / count / 1e3, 1) if count else None
         delta[name] = model
     return delta
+
+
+def server_version(http_url: str, timeout: float = 10) -> str | None:
+    """tritonserver's version from its metadata endpoint (`GET /v2`), None when it does not answer."""
+    try:
+        with urllib.request.urlopen(f"{http_url}/v2", timeout=timeout) as response:
+            return json.loads(response.read()).get("version")
+    except (OSError, ValueError):
+        return None

@@ -85,3 +85,169 @@ def test_triton_benchmark_writes_a_well_formed_result(tmp_path, triton, model_re
     served = level["server_models"]
     assert {"mask_detection", "preprocess", "face_detector", "postprocess", "mask_classifier"} <= set(served)
     assert all(stats["failed_requests"] == 0 for stats in served.values())
+
+
+# --- the three-layer run: summary, ratios, markdown and plots -------------------------------------------
+
+from benchmarks import __main__ as bench_main  # noqa: E402
+from benchmarks import bench_gateway, report  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _reference_doc(rate: float, p50: float, spinning=None) -> dict:
+    from benchmarks.common import machine_info
+
+    return {"schema": bench_reference.SCHEMA, "machine": machine_info(),
+            "image_set": describe(benchmark_images()),
+            "settings": {"ort_intra_op_threads": None, "ort_allow_spinning": spinning, "batch_size": 1},
+            "results": {"throughput_images_per_s": rate, "requests": 100, "cpu_seconds_per_image": 0.05,
+                        "latency_per_request": {"p50_ms": p50, "p95_ms": p50 * 1.2, "p99_ms": p50 * 1.5}}}
+
+
+def _triton_doc(levels: dict[int, tuple[float, float]], failed: int = 0) -> dict:
+    def level(concurrency, rate, p50):
+        return {"concurrency": concurrency, "ok": True, "stable": concurrency != 4, "throughput_infer_per_s": rate,
+                "p50_latency_us": p50 * 1e3, "p95_latency_us": p50 * 1.3e3, "p99_latency_us": p50 * 1.6e3,
+                "server_cpu_ms_per_infer": 60.0,
+                "server_models": {"mask_detection": {"failed_requests": failed, "mean_batch_size": 1.0}}}
+
+    return {"perf_analyzer": {"version": "Perf Analyzer Version 2.51.0"}, "server": {"version": "2.51.0"},
+            "models": {"mask_detection": {"levels": [level(c, *v) for c, v in levels.items()]
+                                          + [{"concurrency": 8, "ok": False, "skipped": "time budget spent"}]}}}
+
+
+def _gateway_doc(levels: dict[int, tuple[float, float]], non2xx: int = 0) -> dict:
+    return {"wrk": {"version": "wrk 4.1.0"}, "bodies": {"jpeg_quality": 95, "mean_bytes": 1000},
+            "gateway": {"workers": 2, "threads": 4},
+            "server_timing_c1": {"requests": 20, "p50_ms": {"decode": 3.0, "inference": 60.0, "total": 65.0},
+                                 "direct_grpc_p50_ms": 59.0, "paired_added_p50_ms": 6.5},
+            "levels": [{"concurrency": c, "ok": True, "throughput_rps": rate, "p50_ms": p50, "p95_ms": p50 * 1.3,
+                        "p99_ms": p50 * 1.6, "requests": 100, "error_count": non2xx if c == 2 else 0,
+                        "gateway_cpu_ms_per_request": 10.0, "triton_cpu_ms_per_request": 60.0}
+                       for c, (rate, p50) in levels.items()]}
+
+
+def test_summary_ratios_against_targets():
+    references = [_reference_doc(20.0, 50.0), _reference_doc(25.0, 40.0, spinning=False)]
+    triton = _triton_doc({1: (15.0, 62.0), 2: (24.0, 80.0), 4: (26.0, 150.0)})
+    gateway = _gateway_doc({1: (14.0, 66.0), 2: (22.5, 88.0), 4: (22.0, 180.0)})
+    summary = report.summarize(references, triton, gateway, uptime_start="up, load average: 0.1, 0.2, 0.3",
+                               uptime_end="up, load average: 1.0, 0.5, 0.3")
+    ratios = summary["ratios"]
+    # the ceiling is the faster in-process configuration; each server layer at its own best concurrency
+    assert summary["layers"]["in_process"]["best"]["variant"] == "spinning off"
+    assert ratios["triton_vs_in_process"]["value"] == pytest.approx(26 / 25, abs=1e-3)
+    assert ratios["triton_vs_in_process"]["met"]
+    assert ratios["gateway_vs_triton"]["value"] == pytest.approx(22.5 / 26, abs=1e-3)
+    assert ratios["gateway_vs_triton"]["met"]  # 0.865 >= 0.85
+    assert ratios["gateway_vs_triton"]["at_triton_best_concurrency"] == pytest.approx(22 / 26, abs=1e-3)
+    assert ratios["gateway_added_p50_ms_c1"]["value"] == pytest.approx(4.0)
+    assert not ratios["gateway_added_p50_ms_c1"]["met"]  # 4 ms > 3 ms
+    assert ratios["gateway_added_p50_ms_c1"]["paired_value"] == 6.5
+    assert ratios["errors"] == {**ratios["errors"], "value": 0, "met": True}  # a skipped level is not an error
+    assert summary["triton_unstable_levels"] == [4]
+
+    failing = report.summarize(references, _triton_doc({1: (10.0, 90.0)}, failed=2),
+                               _gateway_doc({1: (5.0, 99.0), 2: (8.0, 150.0)}, non2xx=3))
+    assert failing["ratios"]["errors"]["value"] == 5 and not failing["ratios"]["errors"]["met"]
+    assert not failing["ratios"]["triton_vs_in_process"]["met"] and not failing["ratios"]["gateway_vs_triton"]["met"]
+
+    only_reference = report.summarize(references)
+    assert set(only_reference["ratios"]) == {"errors"}
+
+
+def test_report_writes_json_markdown_and_plots(tmp_path):
+    summary = report.summarize([_reference_doc(20.0, 50.0)], _triton_doc({1: (15.0, 62.0), 2: (24.0, 80.0)}),
+                               _gateway_doc({1: (14.0, 66.0), 2: (22.5, 88.0)}))
+    paths = report.write_report(summary, tmp_path)
+    assert json.loads(paths["json"].read_text())["ratios"]["gateway_vs_triton"]["value"] == pytest.approx(0.938)
+    text = paths["markdown"].read_text()
+    assert "| triton_vs_in_process |" in text and "![throughput](throughput.png)" in text
+    assert "| gateway | 2 | 22.5 |" in text
+    for name in ("throughput.png", "latency.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+    table = report.console_table(summary)
+    assert "gateway / Triton-direct" in table and "uptime at start" in table
+
+
+def test_wrk_result_line_is_parsed():
+    raw = bench_gateway.parse_wrk(
+        'Running 1s test\nWRK_RESULT {"requests": 10, "duration_us": 1000000, "bytes": 5, "non2xx": 1, '
+        '"non2xx_codes": "503", "errors": {"connect": 0, "read": 0, "write": 0, "status": 1, "timeout": 2}, '
+        '"latency_us": {"min": 1000, "max": 9000, "mean": 5000.0, "stdev": 1.0, "p50": 5000, "p90": 8000, '
+        '"p95": 8500, "p99": 9000}}\n')
+    level = bench_gateway.level_result(3, raw, {}, {"gateway": 0.1, "triton": None})
+    assert level["ok_requests"] == 9 and level["throughput_rps"] == pytest.approx(9.0)
+    assert level["error_count"] == 3  # one non-2xx answer and two timeouts; wrk's "status" is one of the non-2xx
+    assert level["p50_ms"] == 5.0 and level["p99_ms"] == 9.0
+    assert level["gateway_cpu_ms_per_request"] == 10.0 and "triton_cpu_ms_per_request" not in level
+    with pytest.raises(bench_gateway.GatewayBenchError):
+        bench_gateway.parse_wrk("no result here")
+
+
+@pytest.mark.triton
+def test_three_layer_run_writes_summary_markdown_and_plots(tmp_path, triton, model_repository):
+    """A tiny `python -m benchmarks` run: both reference configurations, one Triton level, one gateway level."""
+    try:
+        bench_gateway.find_wrk()
+    except bench_gateway.GatewayBenchError as exc:
+        pytest.skip(str(exc))
+    args = bench_main.parse_args([
+        "--reference-duration", "0.4", "--concurrency", "1", "--component-concurrency", "none",
+        "--measurement-interval-ms", "500", "--triton-budget-s", "40", "--gateway-budget-s", "30",
+        "--gateway-duration", "1", "--gateway-warmup", "0", "--workers", "1", "--threads", "2",
+        "--model-repository", str(model_repository), "--results-dir", str(tmp_path)])
+    lines = []
+    summary = bench_main.run(args, server=triton, out=lines.append)
+
+    assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    for name in ("reference.json", "reference-nospin.json", "triton.json", "gateway.json", "summary.md"):
+        assert (tmp_path / name).is_file(), name
+    for name in ("throughput.png", "latency.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+    machine = summary["machine"]
+    assert machine["usable_cores"] >= 1 and machine["cpu_model"] and "gpus" in machine
+    assert "load average" in summary["uptime_start"] and summary["versions"]["wrk"]
+    assert summary["versions"]["tritonserver"] == "2.51.0"
+
+    gateway = json.loads((tmp_path / "gateway.json").read_text())
+    assert gateway["schema"] == bench_gateway.SCHEMA and gateway["gateway"]["workers"] == 1
+    (level,) = gateway["levels"]
+    assert level["ok"] and level["requests"] >= 1 and level["throughput_rps"] > 0
+    assert level["error_count"] == 0 and level["errors"]["non2xx"] == 0
+    assert 0 < level["p50_ms"] <= level["p95_ms"] <= level["p99_ms"]
+    assert level["server_models"]["mask_detection"]["requests"] >= level["requests"]
+    timing = gateway["server_timing_c1"]
+    assert timing["faces_per_image"] >= 1 and timing["p50_ms"]["decode"] > 0 and "paired_added_p50_ms" in timing
+
+    assert set(summary["layers"]) == {"in_process", "triton", "gateway"}
+    assert len(summary["layers"]["in_process"]["levels"]) == 2
+    assert {"triton_vs_in_process", "gateway_vs_triton", "gateway_added_p50_ms_c1", "errors"} <= set(summary["ratios"])
+    for ratio in summary["ratios"].values():
+        assert isinstance(ratio["met"], bool) and ratio["value"] is not None
+    text = (tmp_path / "summary.md").read_text()
+    assert "## Ratios against the targets" in text and "| gateway | 1 |" in text
+    assert any("gateway / Triton-direct" in line for line in lines)  # the console table was printed
+    assert any("=== Triton direct (perf_analyzer, gRPC) and gateway" in line for line in lines)  # progress
+    assert any(line.startswith("[") and "gateway c=1:" in line for line in lines)
+
+
+def test_config_variant_rewrites_only_the_edited_configs(tmp_path, model_repository):
+    from benchmarks.config_variant import make_variant
+    from ensemble.triton.config import load_config, string_parameters
+
+    dest = make_variant(tmp_path / "variant", source=model_repository, merges=[
+        'face_detector:parameters { key: "intra_op_thread_count" value { string_value: "1" } }',
+        "face_detector:dynamic_batching { max_queue_delay_microseconds: 0 }",
+        "face_detector:instance_group { count: 2 kind: KIND_CPU }"], clears=["face_detector:instance_group"])
+    config = load_config(dest / "face_detector")
+    assert string_parameters(config)["intra_op_thread_count"] == "1"
+    assert config.dynamic_batching.max_queue_delay_microseconds == 0
+    assert list(config.dynamic_batching.preferred_batch_size) == [4, 8, 16]  # untouched fields stay
+    assert [(group.count, group.kind) for group in config.instance_group] == [(2, 2)]  # KIND_CPU
+    assert (dest / "face_detector" / "1" / "model.onnx").is_symlink()
+    assert (dest / "mask_classifier" / "config.pbtxt").is_symlink()  # not edited: a link to the original
+    assert load_config(model_repository / "face_detector").dynamic_batching.max_queue_delay_microseconds == 2000
+    with pytest.raises(ValueError):
+        make_variant(tmp_path / "bad", source=model_repository, merges=["no_such_model:max_batch_size: 1"])

@@ -5,8 +5,8 @@ import pytest
 from google.protobuf import text_format
 
 from ensemble.reference import DEFAULT_REPOSITORY
-from ensemble.triton.config import (format_config, is_onnxruntime, load_config, parse_config, save_config,
-                                    string_parameters)
+from ensemble.triton.config import (format_config, is_onnxruntime, load_config, ort_session_entries, parse_config,
+                                    save_config, string_parameters)
 
 CANONICAL_MODELS = sorted(path.parent.name for path in DEFAULT_REPOSITORY.glob("*/config.pbtxt"))
 
@@ -41,3 +41,8 @@ def test_unknown_field_is_an_error_as_in_triton():
 def test_save_into_model_directory(tmp_path: Path):
     save_config(parse_config('name: "m" backend: "python"'), tmp_path)
     assert load_config(tmp_path / "config.pbtxt").name == "m"
+
+
+def test_only_onnxruntime_session_keys_become_session_entries():
+    parameters = {"session.intra_op.allow_spinning": "0", "intra_op_thread_count": "2", "sessionless": "x"}
+    assert ort_session_entries(parameters) == {"session.intra_op.allow_spinning": "0"}

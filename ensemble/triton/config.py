@@ -42,6 +42,14 @@ def string_parameters(config: ModelConfig) -> dict[str, str]:
     return {key: value.string_value for key, value in config.parameters.items()}
 
 
+ORT_SESSION_PREFIX = "session."
+
+
+def ort_session_entries(parameters: dict[str, str]) -> dict[str, str]:
+    """Parameters named like ONNX Runtime session config keys (e.g. `session.intra_op.allow_spinning`)."""
+    return {key: value for key, value in parameters.items() if key.startswith(ORT_SESSION_PREFIX)}
+
+
 def is_onnxruntime(config: ModelConfig) -> bool:
     """True for models Triton would serve with its onnxruntime backend."""
     return config.backend == ONNXRUNTIME_BACKEND or config.platform == ONNXRUNTIME_PLATFORM

@@ -13,6 +13,7 @@ import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 from ensemble.triton import pb
+from ensemble.triton.config import ort_session_entries
 
 # Same key as Triton's onnxruntime backend, so one config.pbtxt means the same thing to both.
 INTRA_OP_THREADS = "intra_op_thread_count"
@@ -47,11 +48,13 @@ class TritonPythonModel:
 
 
 def _session_options(config) -> ort.SessionOptions:
-    """Thread count from the config's parameters when given; onnxruntime's own default otherwise."""
+    """Thread count and `session.*` entries from the config's parameters; onnxruntime's defaults otherwise."""
     options = ort.SessionOptions()
-    threads = pb.config_parameters(config).get(INTRA_OP_THREADS)
-    if threads:
-        options.intra_op_num_threads = int(threads)
+    parameters = pb.config_parameters(config)
+    if parameters.get(INTRA_OP_THREADS):
+        options.intra_op_num_threads = int(parameters[INTRA_OP_THREADS])
+    for key, value in ort_session_entries(parameters).items():
+        options.add_session_config_entry(key, value)
     return options
 
 

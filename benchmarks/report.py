@@ -1,0 +1,414 @@
+"""One run's three layers side by side: the summary document, its ratios against the targets, a markdown
+report, a console table and the PNG plots.
+
+Works on the documents bench_reference / bench_triton / bench_gateway write (any of the two server
+layers may be missing), so a results folder can be re-reported later:
+
+    python -m benchmarks.report benchmarks/results/<timestamp>/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from benchmarks.common import machine_line, uptime_line, write_json
+from benchmarks.model_inputs import ENSEMBLE
+
+SCHEMA = "facemask.bench.summary/1"
+# The issue's targets on the 2-core reference machine.
+TARGETS = {
+    "triton_vs_in_process": 0.80,  # Triton-direct best throughput >= 0.8 x in-process
+    "gateway_vs_triton": 0.85,  # gateway best throughput >= 0.85 x Triton-direct best
+    "gateway_added_p50_ms_c1": 3.0,  # gateway p50 - Triton-direct p50 at concurrency 1 <= 3 ms
+    "errors": 0,
+}
+LAYERS = ("in_process", "triton", "gateway")
+LABELS = {"in_process": "in-process (ONNX Runtime)", "triton": "Triton direct (perf_analyzer, gRPC)",
+          "gateway": "gateway (wrk, HTTP)"}
+
+
+def _ms(us: float | None) -> float | None:
+    return None if us is None else round(us / 1e3, 2)
+
+
+def variant_name(reference: dict) -> str:
+    """"ORT defaults", "spinning off", "1 ORT thread, spinning off"... from a reference document's settings."""
+    settings = reference["settings"]
+    threads, spinning = settings.get("ort_intra_op_threads"), settings.get("ort_allow_spinning")
+    parts = [f"{threads} ORT thread{'s' if threads > 1 else ''}" if threads else "",
+             "" if spinning is None else f"spinning {'on' if spinning else 'off'}"]
+    return ", ".join(part for part in parts if part) or "ORT defaults"
+
+
+def reference_layer(references: Sequence[dict]) -> dict:
+    """One row per in-process configuration; the best of them is the ceiling the ratios use."""
+    levels = []
+    for reference in references:
+        results = reference["results"]
+        latency = results["latency_per_request"]
+        levels.append({"concurrency": 1, "ok": True, "variant": variant_name(reference),
+                       "throughput": results["throughput_images_per_s"], "p50_ms": latency["p50_ms"],
+                       "p95_ms": latency["p95_ms"], "p99_ms": latency["p99_ms"], "requests": results["requests"],
+                       "errors": 0, "stable": True, "cpu_ms_per_image": round(results["cpu_seconds_per_image"] * 1e3, 1)})
+    return _with_best({"unit": "images/s", "levels": levels})
+
+
+def triton_layer(triton: dict) -> dict | None:
+    entry = triton.get("models", {}).get(ENSEMBLE)
+    if not entry:
+        return None
+    levels = []
+    for level in entry["levels"]:
+        if not level.get("ok"):
+            levels.append({"concurrency": level["concurrency"], "ok": False,
+                           "reason": level.get("skipped") or (level.get("error") or "failed").splitlines()[-1]})
+            continue
+        served = level.get("server_models", {})
+        levels.append({
+            "concurrency": level["concurrency"], "ok": True, "throughput": level["throughput_infer_per_s"],
+            "p50_ms": _ms(level["p50_latency_us"]), "p95_ms": _ms(level["p95_latency_us"]),
+            "p99_ms": _ms(level["p99_latency_us"]), "stable": level.get("stable", True),
+            "errors": sum(stats.get("failed_requests", 0) for stats in served.values()),
+            "cpu_ms_per_image": level.get("server_cpu_ms_per_infer"),
+            "mean_batch_size": {name: stats.get("mean_batch_size") for name, stats in served.items()},
+        })
+    return _with_best({"unit": "infer/s", "levels": levels})
+
+
+def gateway_layer(gateway: dict) -> dict | None:
+    levels = []
+    for level in gateway.get("levels", []):
+        if "p50_ms" not in level:
+            levels.append({"concurrency": level["concurrency"], "ok": False,
+                           "reason": level.get("skipped") or level.get("error", "failed")})
+            continue
+        levels.append({"concurrency": level["concurrency"], "ok": level["ok"], "throughput": level["throughput_rps"],
+                       "p50_ms": level["p50_ms"], "p95_ms": level["p95_ms"], "p99_ms": level["p99_ms"],
+                       "stable": True, "errors": level["error_count"], "requests": level["requests"],
+                       "cpu_ms_per_image": _sum_cpu(level)})
+    if not levels:
+        return None
+    layer = _with_best({"unit": "requests/s (2xx)", "levels": levels})
+    layer["workers"] = gateway.get("gateway", {}).get("workers")
+    layer["threads"] = gateway.get("gateway", {}).get("threads")
+    layer["server_timing_c1"] = gateway.get("server_timing_c1")
+    return layer
+
+
+def _sum_cpu(level: dict) -> float | None:
+    """Gateway + Triton CPU milliseconds per request (None when either could not be read)."""
+    parts = [level.get("gateway_cpu_ms_per_request"), level.get("triton_cpu_ms_per_request")]
+    return None if None in parts else round(sum(parts), 1)
+
+
+def _with_best(layer: dict) -> dict:
+    measured = [level for level in layer["levels"] if level.get("ok")]
+    layer["best"] = max(measured, key=lambda level: level["throughput"]) if measured else None
+    return layer
+
+
+def _level(layer: dict | None, concurrency: int) -> dict | None:
+    return next((level for level in (layer or {}).get("levels", [])
+                 if level.get("ok") and level["concurrency"] == concurrency), None)
+
+
+def ratios(layers: dict) -> dict:
+    """The three headline ratios and the error count, each with its target and whether it is met."""
+    in_process, triton, gateway = (layers.get(name) for name in LAYERS)
+    out = {}
+    if triton and triton["best"]:
+        value = triton["best"]["throughput"] / in_process["best"]["throughput"]
+        out["triton_vs_in_process"] = {
+            "value": round(value, 3), "target": TARGETS["triton_vs_in_process"], "comparison": ">=",
+            "met": value >= TARGETS["triton_vs_in_process"],
+            "detail": f"Triton best {triton['best']['throughput']:.2f}/s at c={triton['best']['concurrency']} "
+                      f"/ in-process {in_process['best']['throughput']:.2f}/s "
+                      f"({in_process['best'].get('variant', 'ORT defaults')})"}
+    if triton and triton["best"] and gateway and gateway["best"]:
+        value = gateway["best"]["throughput"] / triton["best"]["throughput"]
+        same = _level(gateway, triton["best"]["concurrency"])
+        out["gateway_vs_triton"] = {
+            "value": round(value, 3), "target": TARGETS["gateway_vs_triton"], "comparison": ">=",
+            "met": value >= TARGETS["gateway_vs_triton"],
+            "at_triton_best_concurrency": same and round(same["throughput"] / triton["best"]["throughput"], 3),
+            "detail": f"gateway best {gateway['best']['throughput']:.2f}/s at c={gateway['best']['concurrency']} "
+                      f"/ Triton best {triton['best']['throughput']:.2f}/s at c={triton['best']['concurrency']}"}
+    triton_c1, gateway_c1 = _level(triton, 1), _level(gateway, 1)
+    if triton_c1 and gateway_c1:
+        value = gateway_c1["p50_ms"] - triton_c1["p50_ms"]
+        out["gateway_added_p50_ms_c1"] = {
+            "value": round(value, 2), "target": TARGETS["gateway_added_p50_ms_c1"], "comparison": "<=",
+            "met": value <= TARGETS["gateway_added_p50_ms_c1"],
+            "detail": f"gateway p50 {gateway_c1['p50_ms']:.2f} ms - Triton p50 {triton_c1['p50_ms']:.2f} ms at c=1"}
+        paired = (gateway.get("server_timing_c1") or {}).get("paired_added_p50_ms")
+        if paired is not None:
+            out["gateway_added_p50_ms_c1"]["paired_value"] = paired
+            out["gateway_added_p50_ms_c1"]["detail"] += (
+                f"; paired measurement (each gateway request right after the same frame over gRPC): "
+                f"{paired:+.2f} ms")
+    failed_levels = [f"{name} c={level['concurrency']}" for name in ("triton", "gateway")
+                     for level in (layers.get(name) or {}).get("levels", [])
+                     if not level.get("ok") and "time budget" not in level.get("reason", "")]
+    errors = sum(level.get("errors", 0) for name in ("triton", "gateway")
+                 for level in (layers.get(name) or {}).get("levels", []) if level.get("ok"))
+    out["errors"] = {"value": errors, "target": 0, "comparison": "==", "met": errors == 0 and not failed_levels,
+                     "detail": f"{errors} failed/non-2xx requests" + (
+                         f"; levels that failed: {', '.join(failed_levels)}" if failed_levels else "")}
+    return out
+
+
+def summarize(reference: dict | Sequence[dict], triton: dict | None = None, gateway: dict | None = None, *,
+              uptime_start: str | None = None, uptime_end: str | None = None, elapsed_s: float | None = None,
+              settings: dict | None = None, created: str | None = None) -> dict:
+    references = [reference] if isinstance(reference, dict) else list(reference)
+    reference = references[0]
+    layers = {"in_process": reference_layer(references)}
+    if triton:
+        layers["triton"] = triton_layer(triton)
+    if gateway:
+        layers["gateway"] = gateway_layer(gateway)
+    layers = {name: layer for name, layer in layers.items() if layer}
+    unstable = [level["concurrency"] for level in (layers.get("triton") or {}).get("levels", [])
+                if level.get("ok") and not level.get("stable", True)]
+    return {
+        "schema": SCHEMA,
+        "created": created or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": reference["machine"],
+        "machine_line": machine_line(reference["machine"]),
+        "uptime_start": uptime_start or reference["machine"].get("uptime"),
+        "uptime_end": uptime_end or uptime_line(),
+        "elapsed_s": elapsed_s,
+        "image_set": {key: reference["image_set"][key] for key in ("count", "mean_megapixels", "sha256")},
+        "gateway_bodies": (gateway or {}).get("bodies"),
+        "versions": {
+            "perf_analyzer": ((triton or {}).get("perf_analyzer") or {}).get("version"),
+            "tritonserver": ((triton or {}).get("server") or {}).get("version"),
+            "wrk": ((gateway or {}).get("wrk") or {}).get("version"),
+        },
+        "settings": settings or {},
+        "layers": layers,
+        "triton_unstable_levels": unstable,
+        "ratios": ratios(layers),
+    }
+
+
+# --- text -------------------------------------------------------------------------------------------------
+
+def _fmt(value, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def table_rows(summary: dict) -> list[list[str]]:
+    rows = []
+    for name in LAYERS:
+        layer = summary["layers"].get(name)
+        for level in (layer or {}).get("levels", []):
+            if not level.get("ok"):
+                rows.append([name, str(level["concurrency"]), "–", "–", "–", "–", "–", "–", level.get("reason", "failed")])
+                continue
+            best = layer["best"] == level and len(layer["levels"]) > 1
+            note = ("best" if best else "") + ("" if level.get("stable", True) else (" " if best else "") + "unstable")
+            label = f"{name} [{level['variant']}]" if level.get("variant") else name
+            rows.append([label, str(level["concurrency"]), _fmt(level["throughput"]), _fmt(level["p50_ms"]),
+                         _fmt(level["p95_ms"]), _fmt(level["p99_ms"]), _fmt(level.get("cpu_ms_per_image"), 0),
+                         str(level.get("errors", 0)), note])
+    return rows
+
+
+HEADER = ["layer", "conc.", "per s", "p50 ms", "p95 ms", "p99 ms", "cpu ms", "errors", ""]
+
+
+def ratio_lines(summary: dict) -> list[str]:
+    names = {"triton_vs_in_process": "Triton-direct / in-process throughput",
+             "gateway_vs_triton": "gateway / Triton-direct throughput (best c each)",
+             "gateway_added_p50_ms_c1": "gateway added p50 at c=1 (ms)",
+             "errors": "errors"}
+    lines = []
+    for key, name in names.items():
+        ratio = summary["ratios"].get(key)
+        if ratio is None:
+            continue
+        verdict = "MET" if ratio["met"] else "NOT MET"
+        lines.append(f"{name}: {ratio['value']} (target {ratio['comparison']} {ratio['target']}) {verdict}"
+                     f" — {ratio['detail']}")
+    return lines
+
+
+def console_table(summary: dict) -> str:
+    rows = [HEADER] + table_rows(summary)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
+    lines = ["  ".join(cell.rjust(width) if 0 < i < len(HEADER) - 1 else cell.ljust(width)
+                       for i, (cell, width) in enumerate(zip(row, widths))).rstrip() for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines + [""] + ratio_lines(summary) + [
+        f"machine: {summary['machine_line']}", f"uptime at start: {summary['uptime_start']}",
+        f"uptime at end:   {summary['uptime_end']}"])
+
+
+def markdown(summary: dict, plots: Sequence[str] = ()) -> str:
+    machine = summary["machine"]
+    gpus = ", ".join(gpu["name"] for gpu in machine.get("gpus") or []) or "none"
+    out = [f"# Benchmark run {summary['created']}", "",
+           f"- machine: {summary['machine_line']}; {machine.get('memory_gib')} GiB RAM; GPU: {gpus}",
+           f"- uptime at start: `{summary['uptime_start']}`", f"- uptime at end: `{summary['uptime_end']}`",
+           f"- {machine.get('platform')}, Python {machine.get('python')}, git {machine.get('git')}",
+           "- versions: " + ", ".join(f"{name} {version}" for name, version in {
+               **(machine.get("packages") or {}), **summary["versions"]}.items() if version),
+           f"- image set: {summary['image_set']['count']} frames, {summary['image_set']['mean_megapixels']} MP "
+           f"mean, sha256 `{summary['image_set']['sha256'][:16]}…`"
+           + (f"; gateway bodies JPEG q{summary['gateway_bodies']['jpeg_quality']}, "
+              f"{summary['gateway_bodies']['mean_bytes']} bytes mean" if summary.get("gateway_bodies") else ""),
+           ""]
+    if summary.get("elapsed_s") is not None:
+        out[-1:] = [f"- run time: {summary['elapsed_s']:.0f} s", ""]
+    out += ["## Ratios against the targets", "", "| ratio | value | target | met | detail |", "|---|---|---|---|---|"]
+    for line_key in ("triton_vs_in_process", "gateway_vs_triton", "gateway_added_p50_ms_c1", "errors"):
+        ratio = summary["ratios"].get(line_key)
+        if ratio:
+            out.append(f"| {line_key} | {ratio['value']} | {ratio['comparison']} {ratio['target']} | "
+                       f"{'yes' if ratio['met'] else '**no**'} | {ratio['detail']} |")
+    out += ["", "## Layers", "", "| " + " | ".join(HEADER[:-1] + ["note"]) + " |",
+            "|" + "---|" * len(HEADER)]
+    out += ["| " + " | ".join(row) + " |" for row in table_rows(summary)]
+    out.append("")
+    out.append("Units: in-process images/s (one frame per call, one caller), Triton inferences/s "
+               "(one frame per request), gateway 2xx responses/s (one JPEG per request). `cpu ms`: CPU time "
+               "per image of the process doing the work (in-process: the benchmark; Triton: tritonserver and "
+               "its model processes; gateway: gunicorn + Triton), less sensitive to other load than the rates.")
+    if summary.get("triton_unstable_levels"):
+        out.append(f"Triton levels {summary['triton_unstable_levels']} did not stabilise within perf_analyzer's "
+                   "windows; their figures come from a fixed-count fallback and are indicative only.")
+    timing = (summary["layers"].get("gateway") or {}).get("server_timing_c1")
+    if timing:
+        p50 = timing["p50_ms"]
+        out += ["", "## Where the gateway's time goes (one client, Server-Timing p50)", "",
+                "| stage | p50 ms |", "|---|---|"]
+        out += [f"| {stage} | {value} |" for stage, value in p50.items()]
+        if "paired_added_p50_ms" in timing:
+            out += ["", f"The same frames sent straight to Triton over gRPC, each just before its gateway request: "
+                        f"p50 {timing['direct_grpc_p50_ms']} ms; the gateway's p50 added latency in these pairs: "
+                        f"{timing['paired_added_p50_ms']} ms ({timing['requests']} pairs)."]
+    if plots:
+        out += ["", "## Plots", ""] + [f"![{Path(plot).stem}]({Path(plot).name})" for plot in plots]
+    return "\n".join(out) + "\n"
+
+
+# --- plots ------------------------------------------------------------------------------------------------
+
+def plot(summary: dict, output_dir: Path) -> list[Path]:
+    """throughput.png (per-second rate vs concurrency, three layers) and latency.png (p50/p95/p99)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    output_dir = Path(output_dir)
+    layers = summary["layers"]
+    colours = {"in_process": "tab:green", "triton": "tab:blue", "gateway": "tab:orange"}
+    machine = summary["machine"]
+    footer = (f"{machine['usable_cores']} cores, {machine['cpu_model']} | load average (1/5/15 min) at start: "
+              f"{summary['uptime_start'].split('load average')[-1].strip(': ')} | {summary['created']}")
+    concurrencies = sorted({level["concurrency"] for layer in layers.values() for level in layer["levels"]})
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name in LAYERS:
+        layer = layers.get(name)
+        if not layer:
+            continue
+        levels = [level for level in layer["levels"] if level.get("ok")]
+        if name == "in_process":
+            for style, level in zip(("--", ":", "-."), sorted(levels, key=lambda level: -level["throughput"])):
+                axis.axhline(level["throughput"], color=colours[name], linestyle=style,
+                             label=f"{LABELS[name]} [{level.get('variant', '')}], one caller")
+            continue
+        axis.plot([level["concurrency"] for level in levels], [level["throughput"] for level in levels], "o-",
+                  color=colours[name], label=LABELS[name])
+        for level in levels:
+            if not level.get("stable", True):
+                axis.plot(level["concurrency"], level["throughput"], "x", color="red", markersize=9)
+    axis.set(xlabel="concurrency (requests in flight)", ylabel="images per second", ylim=(0, None),
+             title="Throughput vs concurrency", xticks=concurrencies)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="lower right")
+    figure.text(0.99, 0.01, footer, fontsize=6, ha="right", color="gray")
+    figure.tight_layout(rect=(0, 0.03, 1, 1))
+    throughput_png = output_dir / "throughput.png"
+    figure.savefig(throughput_png, dpi=110)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(1, 3, figsize=(12, 4), sharey=True)
+    for axis, key in zip(axes, ("p50_ms", "p95_ms", "p99_ms")):
+        for name in LAYERS:
+            layer = layers.get(name)
+            if not layer:
+                continue
+            levels = [level for level in layer["levels"] if level.get("ok")]
+            if name == "in_process":
+                for marker, level in zip("sD^v", levels):
+                    axis.plot([level["concurrency"]], [level[key]], marker, color=colours[name],
+                              label=f"{LABELS[name]} [{level.get('variant', '')}]", fillstyle="none" if
+                              level != layer["best"] else "full")
+                continue
+            axis.plot([level["concurrency"] for level in levels], [level[key] for level in levels], "o-",
+                      color=colours[name], label=LABELS[name])
+        axis.set(title=key.replace("_ms", ""), xlabel="concurrency", xticks=concurrencies)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("latency (ms)")
+    axes[0].set_ylim(bottom=0)
+    axes[0].legend(fontsize=7)
+    figure.suptitle("Latency percentiles per request")
+    figure.text(0.99, 0.01, footer, fontsize=6, ha="right", color="gray")
+    figure.tight_layout(rect=(0, 0.03, 1, 1))
+    latency_png = output_dir / "latency.png"
+    figure.savefig(latency_png, dpi=110)
+    plt.close(figure)
+    return [throughput_png, latency_png]
+
+
+def write_report(summary: dict, output_dir: Path) -> dict[str, Path]:
+    """summary.json, summary.md, throughput.png, latency.png in `output_dir`."""
+    output_dir = Path(output_dir)
+    pngs = plot(summary, output_dir)
+    summary["files"] = {"markdown": "summary.md", "plots": [png.name for png in pngs]}
+    paths = {"json": write_json(output_dir / "summary.json", summary)}
+    paths["markdown"] = output_dir / "summary.md"
+    paths["markdown"].write_text(markdown(summary, [png.name for png in pngs]))
+    paths.update({png.stem: png for png in pngs})
+    return paths
+
+
+def load_documents(directory: Path) -> tuple[list[dict], dict | None, dict | None]:
+    """The reference document(s) (reference.json first, then reference-*.json), triton.json, gateway.json."""
+    def read(path: Path):
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    directory = Path(directory)
+    references = [read(path) for path in [directory / "reference.json", *sorted(directory.glob("reference-*.json"))]
+                  if path.is_file()]
+    if not references:
+        raise FileNotFoundError(f"{directory}/reference.json is missing")
+    return references, read(directory / "triton.json"), read(directory / "gateway.json")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results_dir", type=Path)
+    args = parser.parse_args(argv)
+    reference, triton, gateway = load_documents(args.results_dir)
+    previous = args.results_dir / "summary.json"
+    kept = json.loads(previous.read_text()) if previous.is_file() else {}
+    summary = summarize(reference, triton, gateway, uptime_start=kept.get("uptime_start"),
+                        uptime_end=kept.get("uptime_end"), elapsed_s=kept.get("elapsed_s"),
+                        settings=kept.get("settings"), created=kept.get("created"))
+    write_report(summary, args.results_dir)
+    print(console_table(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
