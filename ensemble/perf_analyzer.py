@@ -20,7 +20,6 @@ import argparse
 import base64
 import csv
 import fcntl
-import hashlib
 import json
 import os
 import shlex
@@ -33,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ensemble.weights import sha256_of
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_ENV = "PERF_ANALYZER_CACHE"
@@ -163,14 +164,6 @@ def _tail(text: str | bytes | None, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:]) + "\n"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     """Serialize setup between processes sharing the cache (tests and benchmarks may start together)."""
@@ -200,7 +193,7 @@ def _ready(cache: Path) -> bool:
 def _download(wheel: PinnedWheel, wheels_dir: Path, log) -> Path:
     """The pinned wheel in `wheels_dir`, downloaded with pip unless a verified copy is already there."""
     path = wheels_dir / wheel.filename
-    if path.is_file() and sha256_file(path) == wheel.sha256:
+    if path.is_file() and sha256_of(path) == wheel.sha256:
         return path
     path.unlink(missing_ok=True)
     log(f"downloading {wheel.requirement} ({wheel.platform}) with pip")
@@ -214,7 +207,7 @@ def _download(wheel: PinnedWheel, wheels_dir: Path, log) -> Path:
         found = sorted(p.name for p in wheels_dir.glob("*.whl"))
         raise PerfAnalyzerError(f"`{shlex.join(command)}` failed (exit {result.returncode}); expected "
                                 f"{wheel.filename}, found {found}\n{_tail(result.stderr)}")
-    actual = sha256_file(path)
+    actual = sha256_of(path)
     if actual != wheel.sha256:
         path.unlink()
         raise PerfAnalyzerError(f"{wheel.filename}: sha256 {actual} does not match the pinned {wheel.sha256}; "

@@ -15,12 +15,8 @@ def gateway_stack(model_repository, artifacts_dir):
     log_dir = artifacts_dir / "gateway"
     log_dir.mkdir(exist_ok=True)
     stack = GatewayStack(model_repository, log_dir)
-    stack.start_triton()
-    try:
-        stack.start_gateway()
+    with stack.running():
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,9 @@ import subprocess
 import sys
 import time
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -219,3 +220,13 @@ class GatewayStack:
         self.stop_gateway()
         if self.triton is not None:
             self.stop_triton()
+
+    @contextmanager
+    def running(self) -> Iterator[GatewayStack]:
+        """Triton, then the gateway; both stopped however the block ends."""
+        self.start_triton()
+        try:
+            self.start_gateway()
+            yield self
+        finally:
+            self.stop()

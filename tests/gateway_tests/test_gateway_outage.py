@@ -1,8 +1,12 @@
 """Triton going away and coming back on the same ports: 503 + Retry-After meanwhile, recovery without a restart."""
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+from gateway_helpers import GatewayStack, Gunicorn, free_port
+
+from benchmarks.config_variant import make_variant
 
 pytestmark = pytest.mark.triton
 
@@ -60,3 +64,35 @@ def test_a_missed_deadline_is_a_timeout(gateway_stack, real_images):
         assert status_of(caught.value) == 504
     finally:
         detector.close()
+
+
+def test_a_missed_deadline_over_http_is_504_and_the_worker_carries_on(gateway_stack, hopper_jpeg):
+    """A gateway whose Triton deadline (1 ms) no inference can meet answers 504, then answers again."""
+    overrides = {"GATEWAY_TRITON_TIMEOUT_S": "0.001"}
+    impatient = Gunicorn(gateway_stack.environment(free_port(), overrides),
+                         gateway_stack.log_dir / "impatient.log").start(ready_path="/healthz")
+    try:
+        for _ in range(2):
+            late = detect(impatient.url, hopper_jpeg)
+            assert late.status_code == 504, late.text
+            assert late.json()["error"]["code"] == "triton_timeout"
+        assert requests.get(impatient.url + "/healthz", timeout=10).status_code == 200
+    finally:
+        impatient.stop()
+    assert detect(gateway_stack.url, hopper_jpeg).status_code == 200
+
+
+def test_a_full_triton_queue_is_429_with_retry_after(tmp_path, hopper_jpeg):
+    """A real queue limit, not a fake: face_detector may hold one queued request, so a burst overflows it."""
+    variant = make_variant(tmp_path / "repository", merges=[
+        "face_detector:dynamic_batching { default_queue_policy { max_queue_size: 1 } }"])
+    with GatewayStack(variant, tmp_path, workers=2).running() as stack:
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            answers = list(pool.map(lambda _: detect(stack.url, hopper_jpeg), range(32)))
+        statuses = {answer.status_code for answer in answers}
+        assert statuses <= {200, 429}, [answer.text for answer in answers if answer.status_code not in (200, 429)]
+        refused = [answer for answer in answers if answer.status_code == 429]
+        assert refused, "no request overflowed a queue of one"
+        assert all(answer.json()["error"]["code"] == "triton_overloaded" for answer in refused)
+        assert all(int(answer.headers["Retry-After"]) > 0 for answer in refused)
+        assert detect(stack.url, hopper_jpeg).status_code == 200

@@ -55,12 +55,8 @@ def observed_stack(model_repository, observed_dir, otlp_receiver):
         })
     stack.access_log = access_log
     stack.multiproc_dir = multiproc_dir
-    stack.start_triton()
-    try:
-        stack.start_gateway()
+    with stack.running():
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.fixture(scope="session")
