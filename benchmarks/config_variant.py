@@ -14,7 +14,6 @@ Clears are applied before merges. The variant records what was changed in VARIAN
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from google.protobuf import text_format
 
 from ensemble.reference import DEFAULT_REPOSITORY
 from ensemble.triton.config import CONFIG_FILE, load_config, save_config
+from ensemble.triton.staging import mirror_tree
 
 
 def _split(spec: str) -> tuple[str, str]:
@@ -39,12 +39,7 @@ def make_variant(dest: Path, *, merges: Sequence[str] = (), clears: Sequence[str
     source, dest = Path(source).resolve(), Path(dest)
     if dest.exists():
         shutil.rmtree(dest)
-    for root, dirs, files in os.walk(source):
-        dirs[:] = [name for name in dirs if name != "__pycache__"]
-        target = dest / Path(root).relative_to(source)
-        target.mkdir(parents=True, exist_ok=True)
-        for name in files:
-            (target / name).symlink_to(Path(root) / name)
+    mirror_tree(source, dest)
     edits: dict[str, list[tuple[str, str]]] = {}
     for kind, specs in (("clear", clears), ("merge", merges)):
         for spec in specs:

@@ -55,18 +55,9 @@ def test_bad_concurrency_ranges(text):
 
 
 @pytest.fixture(scope="module")
-def triton(request, model_repository, tmp_path_factory):
-    """The session's tritonserver when conftest provides one, else one for this module."""
-    try:
-        yield request.getfixturevalue("triton_server")
-        return
-    except pytest.FixtureLookupError:
-        pass
-    from ensemble.triton.launcher import TritonServer
-
-    log_file = tmp_path_factory.mktemp("bench-triton") / "tritonserver.log"
-    with TritonServer(model_repository, log_file=log_file) as server:
-        yield server
+def triton(triton_server):
+    """The session's tritonserver (tests/conftest.py)."""
+    return triton_server
 
 
 @pytest.mark.triton
@@ -237,17 +228,18 @@ def test_config_variant_rewrites_only_the_edited_configs(tmp_path, model_reposit
     from benchmarks.config_variant import make_variant
     from ensemble.triton.config import load_config, string_parameters
 
+    canonical = (model_repository / "face_detector" / "config.pbtxt").read_text()
     dest = make_variant(tmp_path / "variant", source=model_repository, merges=[
         'face_detector:parameters { key: "intra_op_thread_count" value { string_value: "1" } }',
-        "face_detector:dynamic_batching { max_queue_delay_microseconds: 0 }",
+        "face_detector:dynamic_batching { max_queue_delay_microseconds: 500 }",
         "face_detector:instance_group { count: 2 kind: KIND_CPU }"], clears=["face_detector:instance_group"])
     config = load_config(dest / "face_detector")
     assert string_parameters(config)["intra_op_thread_count"] == "1"
-    assert config.dynamic_batching.max_queue_delay_microseconds == 0
+    assert config.dynamic_batching.max_queue_delay_microseconds == 500
     assert list(config.dynamic_batching.preferred_batch_size) == [4, 8, 16]  # untouched fields stay
     assert [(group.count, group.kind) for group in config.instance_group] == [(2, 2)]  # KIND_CPU
     assert (dest / "face_detector" / "1" / "model.onnx").is_symlink()
     assert (dest / "mask_classifier" / "config.pbtxt").is_symlink()  # not edited: a link to the original
-    assert load_config(model_repository / "face_detector").dynamic_batching.max_queue_delay_microseconds == 2000
+    assert (model_repository / "face_detector" / "config.pbtxt").read_text() == canonical
     with pytest.raises(ValueError):
         make_variant(tmp_path / "bad", source=model_repository, merges=["no_such_model:max_batch_size: 1"])

@@ -116,18 +116,9 @@ def test_csv_report_is_parsed(tmp_path):
 # --- against the real server -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def triton(request, model_repository, tmp_path_factory):
-    """The session's tritonserver when conftest provides one, else one for this module."""
-    try:
-        yield request.getfixturevalue("triton_server")
-        return
-    except pytest.FixtureLookupError:
-        pass
-    from ensemble.triton.launcher import TritonServer
-
-    log_file = tmp_path_factory.mktemp("perf-triton") / "tritonserver.log"
-    with TritonServer(model_repository, log_file=log_file) as server:
-        yield server
+def triton(triton_server):
+    """The session's tritonserver (tests/conftest.py)."""
+    return triton_server
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ def stage_runtime_repository(canonical: Path, dest: Path, *, gpu: bool | None = 
     dest.mkdir(parents=True, exist_ok=True)
     for model_dir in sorted(path.parent for path in canonical.glob(f"*/{CONFIG_FILE}")):
         staged = dest / model_dir.name
-        _mirror(model_dir, staged)
+        mirror_tree(model_dir, staged)
         config = load_config(model_dir)
         if is_onnxruntime(config):
             _serve_with_onnx_runner(config, staged, gpu=gpu)
@@ -69,7 +69,7 @@ def _serve_with_onnx_runner(config: ModelConfig, staged: Path, *, gpu: bool) -> 
         shutil.copyfile(ONNX_RUNNER, runner)
 
 
-def _mirror(source: Path, dest: Path) -> None:
+def mirror_tree(source: Path, dest: Path) -> None:
     """Recreate `source`'s directories under `dest` and link every file to its canonical original."""
     for root, dirs, files in os.walk(source):
         dirs[:] = [name for name in dirs if name != "__pycache__"]
