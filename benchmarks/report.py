@@ -299,6 +299,13 @@ def markdown(summary: dict, plots: Sequence[str] = ()) -> str:
 
 # --- plots ------------------------------------------------------------------------------------------------
 
+def _plotted_layers(layers: dict):
+    """(name, levels measured without error) of each layer present, in LAYERS order."""
+    for name in LAYERS:
+        if layers.get(name):
+            yield name, [level for level in layers[name]["levels"] if level.get("ok")]
+
+
 def plot(summary: dict, output_dir: Path) -> list[Path]:
     """throughput.png (per-second rate vs concurrency, three layers) and latency.png (p50/p95/p99)."""
     import matplotlib
@@ -315,11 +322,7 @@ def plot(summary: dict, output_dir: Path) -> list[Path]:
     concurrencies = sorted({level["concurrency"] for layer in layers.values() for level in layer["levels"]})
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for name in LAYERS:
-        layer = layers.get(name)
-        if not layer:
-            continue
-        levels = [level for level in layer["levels"] if level.get("ok")]
+    for name, levels in _plotted_layers(layers):
         if name == "in_process":
             for style, level in zip(("--", ":", "-."), sorted(levels, key=lambda level: -level["throughput"])):
                 axis.axhline(level["throughput"], color=colours[name], linestyle=style,
@@ -342,16 +345,12 @@ def plot(summary: dict, output_dir: Path) -> list[Path]:
 
     figure, axes = plt.subplots(1, 3, figsize=(12, 4), sharey=True)
     for axis, key in zip(axes, ("p50_ms", "p95_ms", "p99_ms")):
-        for name in LAYERS:
-            layer = layers.get(name)
-            if not layer:
-                continue
-            levels = [level for level in layer["levels"] if level.get("ok")]
+        for name, levels in _plotted_layers(layers):
             if name == "in_process":
                 for marker, level in zip("sD^v", levels):
                     axis.plot([level["concurrency"]], [level[key]], marker, color=colours[name],
                               label=f"{LABELS[name]} [{level.get('variant', '')}]", fillstyle="none" if
-                              level != layer["best"] else "full")
+                              level != layers[name]["best"] else "full")
                 continue
             axis.plot([level["concurrency"] for level in levels], [level[key] for level in levels], "o-",
                       color=colours[name], label=LABELS[name])
