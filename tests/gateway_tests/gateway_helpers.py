@@ -24,6 +24,8 @@ import requests
 
 from ensemble.ssd import pairwise_iou
 from ensemble.triton.launcher import TraceSettings, TritonServer
+from gateway.tracing import triton_trace_headers
+from gateway.triton_client import ModelDetections, Readiness
 
 EXIF_ORIENTATION_TAG = 0x0112
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -230,3 +232,28 @@ class GatewayStack:
             yield self
         finally:
             self.stop()
+
+
+class FakeDetector:
+    """Triton's place in the in-process app tests: one face in the middle quarter of whatever it is sent.
+
+    It records what Triton would receive. Every behaviour these tests check also has a live twin against the
+    real tritonserver (contract, outage, tracing and metrics tests); the fake is the only way to raise an
+    unexpected exception (`fail_with=KeyError(...)`) inside the Triton call.
+    """
+
+    def __init__(self, fail_with=None, label="mask", label_score=0.8):
+        self.fail_with = fail_with
+        self.label, self.label_score = label, label_score
+        self.calls = []
+
+    def detect(self, image, parameters=None):
+        self.calls.append({"shape": image.shape, "parameters": parameters, "headers": triton_trace_headers()})
+        if self.fail_with:
+            raise self.fail_with
+        h, w = image.shape[:2]
+        return ModelDetections(np.array([[w / 4, h / 4, w / 2, h / 2]], np.float32), np.array([0.9], np.float32),
+                               [self.label], np.array([self.label_score], np.float32), "1")
+
+    def readiness(self):
+        return Readiness(False, False, "fake Triton is down") if self.fail_with else Readiness(True, True, "ok")

@@ -8,30 +8,9 @@ import pytest
 from gateway import create_app
 from gateway.errors import TritonUnreachable
 from gateway.settings import Settings
-from gateway.tracing import triton_trace_headers
-from gateway.triton_client import ModelDetections, Readiness
-from gateway_helpers import encode
+from gateway_helpers import FakeDetector, encode
 
 CALLER_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
-
-
-class FakeDetector:
-    """One 'mask' face in the middle quarter of whatever it is sent; records what Triton would receive."""
-
-    def __init__(self, fail_with=None):
-        self.fail_with = fail_with
-        self.calls = []
-
-    def detect(self, image, parameters=None):
-        self.calls.append({"shape": image.shape, "parameters": parameters, "headers": triton_trace_headers()})
-        if self.fail_with:
-            raise self.fail_with
-        h, w = image.shape[:2]
-        return ModelDetections(np.array([[w / 4, h / 4, w / 2, h / 2]], np.float32), np.array([0.9], np.float32),
-                               ["mask"], np.array([0.8], np.float32), "1")
-
-    def readiness(self):
-        return Readiness(False, False, "fake Triton is down") if self.fail_with else Readiness(True, True, "ok")
 
 
 @pytest.fixture

@@ -20,8 +20,7 @@ from gateway.exemplars import ExemplarStore, bucket_bound
 from gateway.metrics import STAGE_BUCKETS
 from gateway.settings import Settings, env_name
 from gateway.tracing import build_sampler
-from gateway.triton_client import ModelDetections, Readiness
-from gateway_helpers import encode
+from gateway_helpers import FakeDetector, encode
 
 # As tritonserver 2.51 writes it (abridged): counters without _total, a summary whose _count/_sum precede
 # its quantiles, a gauge; plus an untyped sample.
@@ -39,21 +38,6 @@ nv_inference_request_summary_us{model="mask_detection",version="1",quantile="0.5
 nv_cpu_utilization 0.25
 loose_sample{a="b"} NaN
 """
-
-
-class FakeDetector:
-    def __init__(self, fail_with=None):
-        self.fail_with = fail_with
-
-    def detect(self, image, parameters=None):
-        if self.fail_with:
-            raise self.fail_with
-        h, w = image.shape[:2]
-        return ModelDetections(np.array([[w / 4, h / 4, w / 2, h / 2]], np.float32), np.array([0.9], np.float32),
-                               ["no_mask"], np.array([0.97], np.float32), "1")
-
-    def readiness(self):
-        return Readiness(True, True, "ok")
 
 
 def _free_port() -> int:
@@ -184,7 +168,7 @@ def fake_triton_metrics():
 
 def _app(triton_metrics_url, detector=None, **settings):
     return create_app({"SETTINGS": Settings(triton_metrics_url=triton_metrics_url, access_log="off", **settings),
-                       "DETECTOR": detector or FakeDetector()})
+                       "DETECTOR": detector or FakeDetector(label="no_mask", label_score=0.97)})
 
 
 def test_app_metrics_merge_triton_and_count_requests_errors_and_images(fake_triton_metrics):
@@ -240,7 +224,7 @@ def test_no_exemplar_without_a_sampled_trace(fake_triton_metrics):
 def test_access_record_has_the_keys_log_analysis_reads(tmp_path):
     log = tmp_path / "access.log"
     client = create_app({"SETTINGS": Settings(triton_metrics_url="off", access_log=str(log)),
-                         "DETECTOR": FakeDetector()}).test_client()
+                         "DETECTOR": FakeDetector(label="no_mask", label_score=0.97)}).test_client()
     client.post("/v1/detect", data=encode(np.full((60, 80, 3), 9, np.uint8), ".png"),
                 headers={"Content-Type": "image/png", "X-Request-ID": "req-1",
                          "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"})
