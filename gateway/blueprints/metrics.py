@@ -36,7 +36,6 @@ bp = Blueprint("metrics", __name__)
 @dataclass
 class MetricsState:
     settings: Settings
-    exporter: PrometheusMetrics
     service: ServiceMetrics
     registry: CollectorRegistry | None  # None in multiprocess mode: the values live in files
     triton_was_up: bool | None = None  # to log a change of Triton's metrics reachability once, not every scrape
@@ -59,7 +58,7 @@ def register_metrics(app: Flask, settings: Settings) -> None:
         exporter = PrometheusMetrics.for_app_factory(path=None, registry=registry, **options)
     exporter.init_app(app)
     service = ServiceMetrics(registry, ExemplarStore(settings.prometheus_multiproc_dir or None))
-    app.extensions[EXTENSION_KEY] = MetricsState(settings, exporter, service, registry)
+    app.extensions[EXTENSION_KEY] = MetricsState(settings, service, registry)
 
     @app.before_request
     def _count_in_flight():
