@@ -3,10 +3,11 @@
   1. in-process: ReferencePipeline (ONNX Runtime, no server) — the ceiling;
   2. Triton direct: perf_analyzer over gRPC against mask_detection (concurrency sweep), plus a short
      sweep of each composing model;
-  3. gateway: wrk over HTTP against gunicorn + Flask in front of the same tritonserver (same sweep).
+  3. gateway: wrk over HTTP against gunicorn + Flask in front of the same tritonserver (same sweep),
+     once per way the pixels can reach Triton: system shared memory and inside the gRPC request.
 
 One tritonserver serves layers 2 and 3, and their levels are measured alternately (Triton c=1, gateway
-c=1, gateway c=2, Triton c=2, ...) so other load on the machine affects both alike. Every phase has a
+c=1 [shm], gateway c=1 [inline], gateway c=2 [inline], ...) so other load on the machine affects all alike. Every phase has a
 time budget: the defaults take about 4-5 minutes on a 2-core machine, the planned bound (printed on
 every progress line) is 6 minutes, and a level already running can overrun it by its own length only.
 
@@ -16,7 +17,8 @@ every progress line) is 6 minutes, and a level already running can overrun it by
 
 Results: benchmarks/results/<timestamp>/ — summary.json (machine facts, versions, every layer,
 the ratios against the targets), summary.md, throughput.png, latency.png, reference.json,
-reference-nospin.json, triton.json, gateway.json and the raw tool output under triton/ and gateway/.
+reference-nospin.json, triton.json, gateway.json (the gateway's default transport), gateway-<transport>.json
+(the other) and the raw tool output under triton/ and gateway/.
 """
 from __future__ import annotations
 
@@ -79,6 +81,18 @@ def _levels(text: str) -> list[int]:
     return [] if text.strip().lower() in ("", "none", "0") else bench_triton.parse_concurrency(text)
 
 
+def _transports(text: str) -> list[str]:
+    """The transports to sweep, the gateway's default first: its figures are the `gateway` layer."""
+    from gateway.settings import SHARED_MEMORY_CHOICES, Settings as GatewaySettings
+
+    default = GatewaySettings.from_env().triton_shared_memory
+    chosen = [part.strip() for part in text.split(",") if part.strip()] or list(SHARED_MEMORY_CHOICES)
+    unknown = [part for part in chosen if part not in SHARED_MEMORY_CHOICES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{unknown} not in {', '.join(SHARED_MEMORY_CHOICES)}")
+    return sorted(dict.fromkeys(chosen), key=lambda transport: transport != default)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,6 +115,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--measurement-interval-ms", type=int, help="perf_analyzer window (default 2500)")
     parser.add_argument("--workers", type=int, help="gunicorn workers (default: the gateway's own default)")
     parser.add_argument("--threads", type=int, help="threads per gunicorn worker (default: the gateway's)")
+    parser.add_argument("--gateway-shared-memory", type=_transports,
+                        help="GATEWAY_TRITON_SHARED_MEMORY values to sweep, the gateway's default first "
+                             "(default: system,off, i.e. both side by side)")
     parser.add_argument("--skip-triton", action="store_true", help="no perf_analyzer sweep")
     parser.add_argument("--skip-gateway", action="store_true", help="no gateway sweep")
     parser.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
@@ -110,7 +127,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     defaults = {"reference_duration": 6.0 if quick else 30.0, "concurrency": [1, 2, 4] if quick else [1, 2, 3, 4, 6],
                 "component_concurrency": [] if quick else [1, 2], "triton_budget_s": 60.0 if quick else 200.0,
                 "gateway_budget_s": 35.0 if quick else 100.0, "gateway_duration": 3 if quick else 10,
-                "measurement_interval_ms": 1500 if quick else 2500}
+                "measurement_interval_ms": 1500 if quick else 2500, "gateway_shared_memory": _transports("")}
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -133,7 +150,7 @@ def run(args: argparse.Namespace, *, server=None, out: Callable[[str], None] = p
     servers = not (args.skip_triton and args.skip_gateway)
     planned = (args.reference_duration + REPORT_ALLOWANCE_S + (SERVER_START_ALLOWANCE_S if servers else 0)
                + (0 if args.skip_triton else args.triton_budget_s)
-               + (0 if args.skip_gateway else args.gateway_budget_s))
+               + (0 if args.skip_gateway else args.gateway_budget_s * len(args.gateway_shared_memory)))
     phases = 2 + (2 if servers else 0) + (0 if args.skip_triton or not args.component_concurrency else 1)
     progress = Progress(planned, phases=phases, out=out)
     uptime_start = uptime_line()
@@ -151,7 +168,7 @@ def run(args: argparse.Namespace, *, server=None, out: Callable[[str], None] = p
         references.append(reference)
         progress.log(bench_reference.summary(reference).splitlines()[0])
 
-    triton_sweep = gateway_sweep = None
+    triton_sweep, gateway_sweeps = None, []
     if not args.skip_triton:
         triton_sweep = bench_triton.TritonSweep(
             models=models, concurrency=args.concurrency, repository=args.model_repository, output_dir=output_dir,
@@ -159,12 +176,14 @@ def run(args: argparse.Namespace, *, server=None, out: Callable[[str], None] = p
             budget_s=args.triton_budget_s, log=progress.log,
             model_concurrency={model: args.component_concurrency for model in models if model != ENSEMBLE})
     if not args.skip_gateway:
-        gateway_sweep = bench_gateway.GatewaySweep(
+        gateway_sweeps = [bench_gateway.GatewaySweep(
             concurrency=args.concurrency, repository=args.model_repository, output_dir=output_dir,
-            settings=replace(bench_gateway.Settings(), duration_s=args.gateway_duration,
+            settings=replace(bench_gateway.Settings(), duration_s=args.gateway_duration, shared_memory=transport,
                              warmup_s=args.gateway_warmup, workers=args.workers, threads=args.threads),
-            budget_s=args.gateway_budget_s, log=progress.log)
-    triton = gateway = None
+            budget_s=args.gateway_budget_s, log=progress.log,
+            document_name="gateway.json" if index == 0 else f"gateway-{transport}.json")
+            for index, transport in enumerate(args.gateway_shared_memory)]
+    triton, gateways = None, []
     with ExitStack() as stack:
         if servers:
             progress.begin("servers", "tritonserver, perf_analyzer inputs, gateway, checks and warm-up")
@@ -179,21 +198,21 @@ def run(args: argparse.Namespace, *, server=None, out: Callable[[str], None] = p
                 triton_sweep.prepare(server, started_here=started_here)
                 progress.log(f"perf_analyzer {triton_sweep.document['perf_analyzer']['version']}, inputs for "
                              f"{', '.join(models)}")
-            if gateway_sweep:
-                gateway_sweep.start(server)
-            # mask_detection and the gateway level by level, alternating which goes first, so a change in the
-            # machine's other load hits both sweeps alike instead of one whole sweep.
+            for sweep in gateway_sweeps:
+                sweep.start(server)
+            # mask_detection and the gateways level by level, alternating which goes first, so a change in the
+            # machine's other load hits every sweep alike instead of one whole sweep.
             ensemble = triton_sweep is not None and ENSEMBLE in models
-            if ensemble or gateway_sweep:
+            if ensemble or gateway_sweeps:
                 progress.begin("Triton direct (perf_analyzer, gRPC) and gateway (wrk, HTTP), level by level",
                                f"c={','.join(map(str, args.concurrency))}")
             for index, level in enumerate(args.concurrency):
-                steps = ([lambda level=level: triton_sweep.level(ENSEMBLE, level)] if ensemble else []) + (
-                    [lambda level=level: gateway_sweep.level(level)] if gateway_sweep else [])
+                steps = ([lambda level=level: triton_sweep.level(ENSEMBLE, level)] if ensemble else []) + [
+                    lambda level=level, sweep=sweep: sweep.level(level) for sweep in gateway_sweeps]
                 for step in steps[::-1] if index % 2 else steps:
                     step()
-            if gateway_sweep:
-                gateway, gateway_sweep = gateway_sweep.finish(), None  # stops gunicorn
+            while gateway_sweeps:  # stops each gunicorn
+                gateways.append(gateway_sweeps.pop(0).finish())
             if triton_sweep and triton_sweep.pending():
                 progress.begin("composing models (perf_analyzer)",
                                f"c={','.join(map(str, args.component_concurrency))}; Triton budget left "
@@ -201,20 +220,21 @@ def run(args: argparse.Namespace, *, server=None, out: Callable[[str], None] = p
                 for model, level in triton_sweep.pending():
                     triton_sweep.level(model, level)
         finally:
-            if gateway_sweep:
-                gateway = gateway_sweep.finish()
+            while gateway_sweeps:
+                gateways.append(gateway_sweeps.pop(0).finish())
             if triton_sweep:
                 triton = triton_sweep.finish()
 
     progress.begin("report")
     summary = report.summarize(
-        references, triton, gateway, uptime_start=uptime_start, uptime_end=uptime_line(),
+        references, triton, gateways, uptime_start=uptime_start, uptime_end=uptime_line(),
         elapsed_s=round(progress.elapsed_s, 1),
         settings={"reference_duration_s": args.reference_duration,
                   "reference_variants": [name for name, _ in variants], "concurrency": args.concurrency,
                   "component_concurrency": args.component_concurrency, "models": models,
                   "triton_budget_s": None if args.skip_triton else args.triton_budget_s,
                   "gateway_budget_s": None if args.skip_gateway else args.gateway_budget_s,
+                  "gateway_shared_memory": [] if args.skip_gateway else args.gateway_shared_memory,
                   "gateway_duration_s": args.gateway_duration, "model_repository": str(args.model_repository)})
     paths = report.write_report(summary, output_dir)
     progress.log(f"wrote {', '.join(path.name for path in paths.values())}")

@@ -72,6 +72,7 @@ class Settings:
     jpeg_quality: int = 95
     workers: int | None = None  # None: the gateway's own default (gateway/settings.py)
     threads: int | None = None
+    shared_memory: str | None = None  # GATEWAY_TRITON_SHARED_MEMORY ("system" / "off"); None: the gateway's default
 
 
 def find_wrk() -> str:
@@ -129,13 +130,15 @@ class Gateway:
     """
 
     def __init__(self, triton_url: str, *, workers: int | None = None, threads: int | None = None,
-                 log_file: Path | None = None, triton_metrics_url: str | None = None):
+                 log_file: Path | None = None, triton_metrics_url: str | None = None,
+                 shared_memory: str | None = None):
         from dataclasses import fields
 
         from gateway.settings import Settings as GatewaySettings
 
         known = {field.name for field in fields(GatewaySettings)}
-        overrides = {"workers": workers, "threads": threads, "triton_metrics_url": triton_metrics_url}
+        overrides = {"workers": workers, "threads": threads, "triton_metrics_url": triton_metrics_url,
+                     "triton_shared_memory": shared_memory}
         self.settings = replace(GatewaySettings.from_env(), host="127.0.0.1", port=free_port(),
                                 triton_url=triton_url,
                                 **{key: value for key, value in overrides.items() if value is not None and key in known})
@@ -343,11 +346,15 @@ def level_result(concurrency: int, raw: dict, server_models: dict, cpu_s: dict |
     }
 
 
-def level_line(level: dict) -> str:
+TRANSPORT_LABELS = {"system": "shm", "off": "inline"}  # how the pixels reach Triton, as progress lines say it
+
+
+def level_line(level: dict, transport: str = "") -> str:
+    name = f"gateway[{TRANSPORT_LABELS.get(transport, transport)}]" if transport else "gateway"
     if not level.get("ok") and "p50_ms" not in level:
-        return f"gateway c={level['concurrency']}: no result ({level.get('skipped') or level.get('error')})"
+        return f"{name} c={level['concurrency']}: no result ({level.get('skipped') or level.get('error')})"
     ensemble = level["server_models"].get(ENSEMBLE, {})
-    return (f"gateway c={level['concurrency']}: {level['throughput_rps']:7.1f} req/s  "
+    return (f"{name} c={level['concurrency']}: {level['throughput_rps']:7.1f} req/s  "
             f"p50 {level['p50_ms']:7.1f} ms  p95 {level['p95_ms']:7.1f} ms  p99 {level['p99_ms']:7.1f} ms  "
             f"errors {level['error_count']}  (Triton: {ensemble.get('requests', 0)} requests, "
             f"{ensemble.get('request_us') and ensemble['request_us'] / 1e3 or 0:.1f} ms each)"
@@ -358,14 +365,16 @@ def level_line(level: dict) -> str:
 class GatewaySweep:
     """The gateway benchmark in steps, so its levels can be interleaved with perf_analyzer's.
 
-    start(server) -> level(concurrency) ... -> finish() (stops gunicorn, writes <output_dir>/gateway.json).
+    start(server) -> level(concurrency) ... -> finish() (stops gunicorn, writes <output_dir>/<document_name>).
     The time budget counts this sweep's own steps only (gateway start, checks, warm-up, levels).
     """
 
     def __init__(self, *, concurrency: Sequence[int] = (1, 2, 3, 4, 6), settings: Settings = Settings(),
                  repository: Path = DEFAULT_REPOSITORY, output_dir: Path | None = None, budget_s: float = 90.0,
-                 log=print):
+                 log=print, document_name: str = "gateway.json"):
         self.concurrency, self.settings, self.budget_s, self.log = list(concurrency), settings, budget_s, log
+        self.document_name = document_name
+        self.transport = settings.shared_memory or _default_transport()
         self.binary = find_wrk()
         self.output_dir = Path(output_dir) if output_dir else results_dir()
         self.workdir = self.output_dir / "gateway"
@@ -375,7 +384,7 @@ class GatewaySweep:
         self.bodies_dir = Path(tempfile.mkdtemp(prefix="gateway-bodies-"))
         self.bodies = encode_bodies(self.images, self.bodies_dir, settings.jpeg_quality)
         self.body_list = self.bodies_dir / "bodies.txt"
-        self.wrk_log = self.workdir / "wrk.log"
+        self.wrk_log = self.workdir / f"wrk-{self.transport}.log"
         self.wrk_log.unlink(missing_ok=True)
         self.spent_s = 0.0
         self.server = self.gateway = None
@@ -389,7 +398,8 @@ class GatewaySweep:
             "machine": machine_info(),
             "image_set": describe(self.images),
             "bodies": describe_bodies(self.bodies, settings.jpeg_quality),
-            "settings": {**asdict(settings), "concurrency": list(concurrency), "budget_s": budget_s,
+            "settings": {**asdict(settings), "shared_memory": self.transport, "concurrency": list(concurrency),
+                         "budget_s": budget_s,
                          "model_repository": str(repository)},
             "wrk": {"version": wrk_version(self.binary), "binary": self.binary, "script": LUA_SCRIPT.name},
             "levels": [],
@@ -402,13 +412,16 @@ class GatewaySweep:
         self.server = server
         try:
             self.gateway = gateway = self._stack.enter_context(Gateway(
-                server.grpc_url, workers=settings.workers, threads=settings.threads,
-                log_file=self.workdir / "gunicorn.log", triton_metrics_url=getattr(server, "metrics_url", None)))
+                server.grpc_url, workers=settings.workers, threads=settings.threads, shared_memory=self.transport,
+                log_file=self.workdir / f"gunicorn-{self.transport}.log",
+                triton_metrics_url=getattr(server, "metrics_url", None)))
             self.document["gateway"] = {"url": gateway.url, "workers": gateway.settings.workers,
                                         "threads": gateway.settings.threads, "startup_s": round(gateway.startup_s, 2),
-                                        "triton_url": server.grpc_url}
+                                        "triton_url": server.grpc_url,
+                                        "triton_shared_memory": gateway.settings.triton_shared_memory}
             self.log(f"gateway ready in {gateway.startup_s:.1f} s at {gateway.url} "
-                     f"({gateway.settings.workers} workers x {gateway.settings.threads} threads)")
+                     f"({gateway.settings.workers} workers x {gateway.settings.threads} threads, "
+                     f"GATEWAY_TRITON_SHARED_MEMORY={self.transport})")
             timing_breakdown(gateway.url, self.bodies, passes=1)  # every body once: checks the answers
             if settings.warmup_s:
                 run_wrk(self.binary, gateway.url, self.body_list, max(2, 2 * gateway.settings.workers),
@@ -416,7 +429,7 @@ class GatewaySweep:
             timing = self.document["server_timing_c1"] = timing_breakdown(
                 gateway.url, self.bodies, passes=2, images=self.images, grpc_url=server.grpc_url)
             p50 = timing["p50_ms"]
-            self.log(f"gateway c=1 paired with direct gRPC ({timing['requests']} pairs): adds "
+            self.log(f"{self.label} c=1 paired with direct gRPC ({timing['requests']} pairs): adds "
                      f"{timing.get('paired_added_p50_ms')} ms p50 (decode {p50.get('decode')} ms, "
                      f"Flask and the rest {p50.get('flask_other')} ms, Triton call {p50.get('inference')} ms "
                      f"vs direct {timing.get('direct_grpc_p50_ms')} ms)")
@@ -444,7 +457,7 @@ class GatewaySweep:
             except (GatewayBenchError, subprocess.TimeoutExpired) as exc:
                 result = {"concurrency": concurrency, "ok": False, "error": str(exc)[-500:]}
         self.document["levels"].append(result)
-        self.log(level_line(result))
+        self.log(level_line(result, self.transport))
         self.spent_s += time.monotonic() - began
         return result
 
@@ -456,8 +469,19 @@ class GatewaySweep:
         self._stack.close()
         shutil.rmtree(self.bodies_dir, ignore_errors=True)
         self.document["elapsed_s"] = round(self.spent_s, 1)
-        write_json(self.output_dir / "gateway.json", self.document)
+        write_json(self.output_dir / self.document_name, self.document)
         return self.document
+
+    @property
+    def label(self) -> str:
+        return f"gateway[{TRANSPORT_LABELS.get(self.transport, self.transport)}]"
+
+
+def _default_transport() -> str:
+    """The gateway's own GATEWAY_TRITON_SHARED_MEMORY (its default unless the environment says otherwise)."""
+    from gateway.settings import Settings as GatewaySettings
+
+    return GatewaySettings.from_env().triton_shared_memory
 
 
 def run(*, concurrency: Sequence[int] = (1, 2, 3, 4, 6), settings: Settings = Settings(),
@@ -499,13 +523,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jpeg-quality", type=int, default=defaults.jpeg_quality)
     parser.add_argument("--workers", type=int, help="gunicorn workers (default: the gateway's GATEWAY_WORKERS)")
     parser.add_argument("--threads", type=int, help="threads per worker (default: the gateway's GATEWAY_THREADS)")
+    parser.add_argument("--shared-memory", choices=("system", "off"),
+                        help="how pixels reach Triton (default: the gateway's GATEWAY_TRITON_SHARED_MEMORY)")
     parser.add_argument("--budget-s", type=float, default=90.0, help="wall-clock budget (default 90)")
     parser.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
     parser.add_argument("--results-dir", type=Path, help="default: benchmarks/results/<timestamp>/")
     args = parser.parse_args(argv)
 
     settings = replace(defaults, duration_s=args.duration, warmup_s=args.warmup, jpeg_quality=args.jpeg_quality,
-                       workers=args.workers, threads=args.threads)
+                       workers=args.workers, threads=args.threads, shared_memory=args.shared_memory)
     output_dir = args.results_dir or results_dir()
     try:
         document = run(concurrency=args.concurrency, settings=settings, repository=args.model_repository,

@@ -26,9 +26,13 @@ TARGETS = {
     "gateway_added_p50_ms_c1": 3.0,  # gateway p50 - Triton-direct p50 at concurrency 1 <= 3 ms
     "errors": 0,
 }
-LAYERS = ("in_process", "triton", "gateway")
+# "gateway" is the gateway as configured by default (the ratios use it); "gateway_alternative" the same gateway
+# with the other GATEWAY_TRITON_SHARED_MEMORY, measured side by side.
+LAYERS = ("in_process", "triton", "gateway", "gateway_alternative")
+GATEWAY_LAYERS = ("gateway", "gateway_alternative")
 LABELS = {"in_process": "in-process (ONNX Runtime)", "triton": "Triton direct (perf_analyzer, gRPC)",
-          "gateway": "gateway (wrk, HTTP)"}
+          "gateway": "gateway (wrk, HTTP)", "gateway_alternative": "gateway (wrk, HTTP)"}
+TRANSPORTS = {"system": "shared memory", "off": "pixels in gRPC"}  # GATEWAY_TRITON_SHARED_MEMORY, in words
 
 
 def _ms(us: float | None) -> float | None:
@@ -95,8 +99,37 @@ def gateway_layer(gateway: dict) -> dict | None:
     layer = _with_best({"unit": "requests/s (2xx)", "levels": levels})
     layer["workers"] = gateway.get("gateway", {}).get("workers")
     layer["threads"] = gateway.get("gateway", {}).get("threads")
+    layer["transport"] = gateway.get("gateway", {}).get("triton_shared_memory") or gateway.get("settings", {}).get(
+        "shared_memory")
     layer["server_timing_c1"] = gateway.get("server_timing_c1")
+    gateway_cpu = [level["gateway_cpu_ms_per_request"] for level in gateway.get("levels", [])
+                   if level.get("gateway_cpu_ms_per_request") is not None]
+    layer["gateway_cpu_ms_per_request"] = round(sum(gateway_cpu) / len(gateway_cpu), 2) if gateway_cpu else None
     return layer
+
+
+def layer_label(name: str, layer: dict) -> str:
+    """`gateway [shared memory]`, `in_process`...: the gateway layers say how their pixels reached Triton."""
+    transport = layer.get("transport") if name in GATEWAY_LAYERS else None
+    return f"gateway [{TRANSPORTS.get(transport, transport)}]" if transport else name
+
+
+def transport_comparison(layers: dict) -> dict | None:
+    """The gateway with and without shared memory, measured side by side: which is faster, and by how much."""
+    measured = [layers[name] for name in GATEWAY_LAYERS if layers.get(name) and layers[name].get("best")]
+    if len(measured) < 2:
+        return None
+    entries = {}
+    for layer in measured:
+        c1 = _level(layer, 1)
+        entries[layer["transport"]] = {
+            "best_throughput": layer["best"]["throughput"], "best_concurrency": layer["best"]["concurrency"],
+            "p50_ms_c1": c1 and c1["p50_ms"], "gateway_cpu_ms_per_request": layer["gateway_cpu_ms_per_request"],
+            "paired_added_p50_ms_c1": (layer.get("server_timing_c1") or {}).get("paired_added_p50_ms")}
+    default, other = (layer["transport"] for layer in measured)
+    faster = max(entries, key=lambda transport: entries[transport]["best_throughput"])
+    return {"default": default, "transports": entries, "faster": faster,
+            "throughput_ratio": round(entries[default]["best_throughput"] / entries[other]["best_throughput"], 3)}
 
 
 def _sum_cpu(level: dict) -> float | None:
@@ -118,7 +151,7 @@ def _level(layer: dict | None, concurrency: int) -> dict | None:
 
 def ratios(layers: dict) -> dict:
     """The three headline ratios and the error count, each with its target and whether it is met."""
-    in_process, triton, gateway = (layers.get(name) for name in LAYERS)
+    in_process, triton, gateway = (layers.get(name) for name in LAYERS[:3])
     out = {}
     if triton and triton["best"]:
         value = triton["best"]["throughput"] / in_process["best"]["throughput"]
@@ -150,10 +183,10 @@ def ratios(layers: dict) -> dict:
             out["gateway_added_p50_ms_c1"]["detail"] += (
                 f"; paired measurement (each gateway request right after the same frame over gRPC): "
                 f"{paired:+.2f} ms")
-    failed_levels = [f"{name} c={level['concurrency']}" for name in ("triton", "gateway")
+    failed_levels = [f"{name} c={level['concurrency']}" for name in ("triton", *GATEWAY_LAYERS)
                      for level in (layers.get(name) or {}).get("levels", [])
                      if not level.get("ok") and "time budget" not in level.get("reason", "")]
-    errors = sum(level.get("errors", 0) for name in ("triton", "gateway")
+    errors = sum(level.get("errors", 0) for name in ("triton", *GATEWAY_LAYERS)
                  for level in (layers.get(name) or {}).get("levels", []) if level.get("ok"))
     out["errors"] = {"value": errors, "target": 0, "comparison": "==", "met": errors == 0 and not failed_levels,
                      "detail": f"{errors} failed/non-2xx requests" + (
@@ -161,16 +194,20 @@ def ratios(layers: dict) -> dict:
     return out
 
 
-def summarize(reference: dict | Sequence[dict], triton: dict | None = None, gateway: dict | None = None, *,
+def summarize(reference: dict | Sequence[dict], triton: dict | None = None,
+              gateway: dict | Sequence[dict] | None = None, *,
               uptime_start: str | None = None, uptime_end: str | None = None, elapsed_s: float | None = None,
               settings: dict | None = None, created: str | None = None) -> dict:
+    """`gateway`: the gateway document, or several (the default transport first, then the alternative)."""
     references = [reference] if isinstance(reference, dict) else list(reference)
     reference = references[0]
+    gateways = [gateway] if isinstance(gateway, dict) else list(gateway or [])
+    gateway = gateways[0] if gateways else None
     layers = {"in_process": reference_layer(references)}
     if triton:
         layers["triton"] = triton_layer(triton)
-    if gateway:
-        layers["gateway"] = gateway_layer(gateway)
+    for name, document in zip(GATEWAY_LAYERS, gateways):
+        layers[name] = gateway_layer(document)
     layers = {name: layer for name, layer in layers.items() if layer}
     unstable = [level["concurrency"] for level in (layers.get("triton") or {}).get("levels", [])
                 if level.get("ok") and not level.get("stable", True)]
@@ -193,6 +230,7 @@ def summarize(reference: dict | Sequence[dict], triton: dict | None = None, gate
         "layers": layers,
         "triton_unstable_levels": unstable,
         "ratios": ratios(layers),
+        "transport_comparison": transport_comparison(layers),
     }
 
 
@@ -212,7 +250,7 @@ def table_rows(summary: dict) -> list[list[str]]:
                 continue
             best = layer["best"] == level and len(layer["levels"]) > 1
             note = ("best" if best else "") + ("" if level.get("stable", True) else (" " if best else "") + "unstable")
-            label = f"{name} [{level['variant']}]" if level.get("variant") else name
+            label = f"{name} [{level['variant']}]" if level.get("variant") else layer_label(name, layer)
             rows.append([label, str(level["concurrency"]), _fmt(level["throughput"]), _fmt(level["p50_ms"]),
                          _fmt(level["p95_ms"]), _fmt(level["p99_ms"]), _fmt(level.get("cpu_ms_per_image"), 0),
                          str(level.get("errors", 0)), note])
@@ -238,13 +276,28 @@ def ratio_lines(summary: dict) -> list[str]:
     return lines
 
 
+def transport_line(summary: dict) -> list[str]:
+    """One sentence on the shared-memory A/B, when both transports were measured."""
+    comparison = summary.get("transport_comparison")
+    if not comparison:
+        return []
+    parts = []
+    for transport, entry in comparison["transports"].items():
+        parts.append(f"{TRANSPORTS.get(transport, transport)}{' (default)' if transport == comparison['default'] else ''}: "
+                     f"best {entry['best_throughput']:.1f}/s at c={entry['best_concurrency']}, c=1 p50 "
+                     f"{_fmt(entry['p50_ms_c1'])} ms, paired added p50 {_fmt(entry['paired_added_p50_ms_c1'])} ms, "
+                     f"gateway CPU {_fmt(entry['gateway_cpu_ms_per_request'])} ms/request")
+    return [f"gateway transports: {'; '.join(parts)} — default/other throughput {comparison['throughput_ratio']}, "
+            f"faster: {TRANSPORTS.get(comparison['faster'], comparison['faster'])}"]
+
+
 def console_table(summary: dict) -> str:
     rows = [HEADER] + table_rows(summary)
     widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
     lines = ["  ".join(cell.rjust(width) if 0 < i < len(HEADER) - 1 else cell.ljust(width)
                        for i, (cell, width) in enumerate(zip(row, widths))).rstrip() for row in rows]
     lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines + [""] + ratio_lines(summary) + [
+    return "\n".join(lines + [""] + ratio_lines(summary) + transport_line(summary) + [
         f"machine: {summary['machine_line']}", f"uptime at start: {summary['uptime_start']}",
         f"uptime at end:   {summary['uptime_end']}"])
 
@@ -292,6 +345,19 @@ def markdown(summary: dict, plots: Sequence[str] = ()) -> str:
             out += ["", f"The same frames sent straight to Triton over gRPC, each just before its gateway request: "
                         f"p50 {timing['direct_grpc_p50_ms']} ms; the gateway's p50 added latency in these pairs: "
                         f"{timing['paired_added_p50_ms']} ms ({timing['requests']} pairs)."]
+    comparison = summary.get("transport_comparison")
+    if comparison:
+        out += ["", "## The gateway's two ways to hand pixels to Triton, side by side", "",
+                "| transport | best per s (c) | c=1 p50 ms | paired added p50 ms | gateway cpu ms/request |",
+                "|---|---|---|---|---|"]
+        for transport, entry in comparison["transports"].items():
+            name = TRANSPORTS.get(transport, transport) + (" (default)" if transport == comparison["default"] else "")
+            out.append(f"| {name} | {_fmt(entry['best_throughput'])} ({entry['best_concurrency']}) | "
+                       f"{_fmt(entry['p50_ms_c1'])} | {_fmt(entry['paired_added_p50_ms_c1'], 2)} | "
+                       f"{_fmt(entry['gateway_cpu_ms_per_request'])} |")
+        out += ["", f"Default ÷ other best throughput: {comparison['throughput_ratio']}; faster here: "
+                    f"{TRANSPORTS.get(comparison['faster'], comparison['faster'])}. `gateway cpu`: gunicorn's CPU "
+                    "per request, the mean over the levels."]
     if plots:
         out += ["", "## Plots", ""] + [f"![{Path(plot).stem}]({Path(plot).name})" for plot in plots]
     return "\n".join(out) + "\n"
@@ -306,6 +372,11 @@ def _plotted_layers(layers: dict):
             yield name, [level for level in layers[name]["levels"] if level.get("ok")]
 
 
+def _plot_label(name: str, layer: dict) -> str:
+    transport = layer.get("transport") if name in GATEWAY_LAYERS else None
+    return f"{LABELS[name]} [{TRANSPORTS.get(transport, transport)}]" if transport else LABELS[name]
+
+
 def plot(summary: dict, output_dir: Path) -> list[Path]:
     """throughput.png (per-second rate vs concurrency, three layers) and latency.png (p50/p95/p99)."""
     import matplotlib
@@ -315,7 +386,8 @@ def plot(summary: dict, output_dir: Path) -> list[Path]:
 
     output_dir = Path(output_dir)
     layers = summary["layers"]
-    colours = {"in_process": "tab:green", "triton": "tab:blue", "gateway": "tab:orange"}
+    colours = {"in_process": "tab:green", "triton": "tab:blue", "gateway": "tab:orange",
+               "gateway_alternative": "tab:red"}
     machine = summary["machine"]
     footer = (f"{machine['usable_cores']} cores, {machine['cpu_model']} | load average (1/5/15 min) at start: "
               f"{summary['uptime_start'].split('load average')[-1].strip(': ')} | {summary['created']}")
@@ -329,7 +401,7 @@ def plot(summary: dict, output_dir: Path) -> list[Path]:
                              label=f"{LABELS[name]} [{level.get('variant', '')}], one caller")
             continue
         axis.plot([level["concurrency"] for level in levels], [level["throughput"] for level in levels], "o-",
-                  color=colours[name], label=LABELS[name])
+                  color=colours[name], label=_plot_label(name, layers[name]))
         for level in levels:
             if not level.get("stable", True):
                 axis.plot(level["concurrency"], level["throughput"], "x", color="red", markersize=9)
@@ -353,7 +425,7 @@ def plot(summary: dict, output_dir: Path) -> list[Path]:
                               level != layers[name]["best"] else "full")
                 continue
             axis.plot([level["concurrency"] for level in levels], [level[key] for level in levels], "o-",
-                      color=colours[name], label=LABELS[name])
+                      color=colours[name], label=_plot_label(name, layers[name]))
         axis.set(title=key.replace("_ms", ""), xlabel="concurrency", xticks=concurrencies)
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("latency (ms)")
@@ -380,8 +452,9 @@ def write_report(summary: dict, output_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def load_documents(directory: Path) -> tuple[list[dict], dict | None, dict | None]:
-    """The reference document(s) (reference.json first, then reference-*.json), triton.json, gateway.json."""
+def load_documents(directory: Path) -> tuple[list[dict], dict | None, list[dict]]:
+    """The reference document(s) (reference.json first, then reference-*.json), triton.json, and the gateway
+    documents (gateway.json first, then gateway-*.json)."""
     def read(path: Path):
         return json.loads(path.read_text()) if path.is_file() else None
 
@@ -390,7 +463,9 @@ def load_documents(directory: Path) -> tuple[list[dict], dict | None, dict | Non
                   if path.is_file()]
     if not references:
         raise FileNotFoundError(f"{directory}/reference.json is missing")
-    return references, read(directory / "triton.json"), read(directory / "gateway.json")
+    gateways = [read(path) for path in [directory / "gateway.json", *sorted(directory.glob("gateway-*.json"))]
+                if path.is_file()]
+    return references, read(directory / "triton.json"), gateways
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -57,14 +57,23 @@ def post_fork(server, worker):
     init_worker_detector(_settings)
 
 
+def worker_exit(server, worker):
+    """Give this worker's shared-memory regions back to Triton and the host before it exits."""
+    from gateway.triton_client import close_worker_detectors
+
+    close_worker_detectors()
+
+
 def child_exit(server, worker):
-    """Drop a dead worker's live gauges (and its exemplars) from the merged metrics."""
+    """Drop a dead worker's live gauges (and its exemplars) from the merged metrics; free its shared memory."""
     from prometheus_client import multiprocess
 
     from gateway.exemplars import remove_exemplar_files
+    from gateway.shared_memory import remove_region_files
 
     multiprocess.mark_process_dead(worker.pid)
     remove_exemplar_files(_prometheus_dir, worker.pid)
+    remove_region_files(worker.pid)  # a killed worker could not; a clean exit already did
 
 
 def on_exit(server):

@@ -7,6 +7,8 @@ from typing import Mapping
 
 ENV_PREFIX = "GATEWAY_"
 OFF = "off"  # turns an optional output off (an empty variable means "the default", like an unset one)
+SHARED_MEMORY_SYSTEM = "system"  # images reach Triton through system shared memory where it can map it
+SHARED_MEMORY_CHOICES = (SHARED_MEMORY_SYSTEM, OFF)
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ class Settings:
     model_name: str = "mask_detection"  # the ensemble the gateway calls
     model_version: str = ""  # "" lets Triton pick its latest ready version
     retry_after_s: int = 5  # Retry-After sent with 503 / 429
+    triton_shared_memory: str = SHARED_MEMORY_SYSTEM  # "system": pixels via /dev/shm when Triton shares the
+    #                           host (else inline, found out at the first request); "off": always inside the request
 
     # --- input limits ---
     max_body_bytes: int = 10 * 1024 * 1024  # one image upload (413 above)
@@ -70,6 +74,11 @@ class Settings:
             if raw is not None and raw != "":
                 values[field.name] = _coerce(field.name, field.type, raw)
         return replace(cls(**values), **overrides)
+
+    def __post_init__(self):
+        if self.triton_shared_memory not in SHARED_MEMORY_CHOICES:
+            raise ValueError(f"{env_name('triton_shared_memory')}={self.triton_shared_memory!r} is not one of "
+                             f"{', '.join(SHARED_MEMORY_CHOICES)}")
 
     @property
     def triton_metrics_merged(self) -> bool:

@@ -11,7 +11,8 @@ from tritonclient.utils import InferenceServerException
 
 from gateway.errors import (ApiError, InferenceRejected, ModelNotReady, TritonOverloaded, TritonTimeout,
                             TritonUnreachable, UpstreamError)
-from gateway.settings import Settings
+from gateway.settings import SHARED_MEMORY_SYSTEM, Settings
+from gateway.shared_memory import RegionPool, SharedMemoryUnavailable, is_unknown_region, region_bytes
 from gateway.tracing import set_rpc_status, triton_call_span, triton_trace_headers
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,9 @@ TRANSPORT_FAILURE_HINTS = ("failed to connect", "connection refused", "socket cl
                            "connect failed", "unreachable", "dns resolution", "broken pipe", "end of tcp stream",
                            "goaway", "keepalive watchdog")
 MODEL_MISSING_HINTS = ("unknown model", "no available versions", "is not ready", "not found")
+INPUT_NAME = "IMAGE"
+# The CLIENT span's attribute saying how the pixels travelled: "system_shared_memory" or "grpc" (inline).
+TRANSPORT_ATTRIBUTE = "triton.input.transport"
 
 
 @dataclass(frozen=True)
@@ -80,24 +84,25 @@ def channel_args(settings: Settings) -> list[tuple[str, int]]:
 
 
 class TritonDetector:
-    """Runs the `mask_detection` ensemble on one BGR image per call over a long-lived gRPC channel (thread-safe)."""
+    """Runs the `mask_detection` ensemble on one BGR image per call over a long-lived gRPC channel (thread-safe).
+
+    With `triton_shared_memory = "system"` the pixels travel through this process's shared-memory regions
+    (gateway/shared_memory.py) whenever Triton can map them, else inside the request.
+    """
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self._client = grpcclient.InferenceServerClient(settings.triton_url, channel_args=channel_args(settings))
+        self._regions = (RegionPool(self._client, region_bytes(settings.max_side, settings.max_pixels))
+                         if settings.triton_shared_memory == SHARED_MEMORY_SYSTEM else None)
+        self._outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
 
     def detect(self, image_bgr: np.ndarray, parameters: dict | None = None) -> ModelDetections:
         """Send one HxWx3 uint8 image (as a batch of 1) with optional threshold overrides."""
         image = np.ascontiguousarray(image_bgr[np.newaxis])
-        request_input = grpcclient.InferInput("IMAGE", list(image.shape), "UINT8")
-        request_input.set_data_from_numpy(image)
         with triton_call_span(self.settings) as span:  # current during the call: Triton's spans hang under it
             try:
-                result = self._client.infer(
-                    self.settings.model_name, [request_input], model_version=self.settings.model_version,
-                    outputs=[grpcclient.InferRequestedOutput(name) for name in OUTPUTS],
-                    client_timeout=self.settings.triton_timeout_s, headers=triton_trace_headers(),
-                    parameters=parameters or None)
+                result = self._send(image, parameters or None, span)
             except InferenceServerException as error:
                 set_rpc_status(span, _status_name(error))
                 log.warning("triton infer failed: status=%s detail=%s", error.status(), error.message())
@@ -112,6 +117,37 @@ class TritonDetector:
             label_scores=result.as_numpy("LABEL_SCORES").reshape(-1)[:count],
             model_version=result.get_response().model_version,
         )
+
+    def _send(self, image: np.ndarray, parameters: dict | None, span) -> grpcclient.InferResult:
+        """The pixels through a shared-memory region when one can carry them, else inside the request."""
+        if self._regions is not None and self._regions.fits(image):
+            try:
+                with self._regions.lease() as region:
+                    if region is not None:
+                        span.set_attribute(TRANSPORT_ATTRIBUTE, "system_shared_memory")
+                        region.write(image)
+                        request_input = grpcclient.InferInput(INPUT_NAME, list(image.shape), "UINT8")
+                        request_input.set_shared_memory(region.name, image.nbytes)
+                        try:
+                            return self._infer(request_input, parameters)
+                        except InferenceServerException as error:
+                            if not is_unknown_region(error):
+                                raise
+                            self._regions.register_again()  # Triton restarted and forgot this worker's regions
+                            return self._infer(request_input, parameters)
+            except SharedMemoryUnavailable as reason:
+                log.warning("Triton at %s cannot map this host's shared memory (%s); this worker sends images "
+                            "inside the gRPC request from now on", self.settings.triton_url, reason)
+        span.set_attribute(TRANSPORT_ATTRIBUTE, "grpc")
+        request_input = grpcclient.InferInput(INPUT_NAME, list(image.shape), "UINT8")
+        request_input.set_data_from_numpy(image)
+        return self._infer(request_input, parameters)
+
+    def _infer(self, request_input: grpcclient.InferInput, parameters: dict | None) -> grpcclient.InferResult:
+        return self._client.infer(
+            self.settings.model_name, [request_input], model_version=self.settings.model_version,
+            outputs=self._outputs, client_timeout=self.settings.triton_timeout_s, headers=triton_trace_headers(),
+            parameters=parameters)
 
     def readiness(self) -> Readiness:
         """Whether Triton answers and the model is ready, with a reason a person can act on when not."""
@@ -128,6 +164,9 @@ class TritonDetector:
         return Readiness(True, True, "ok")
 
     def close(self) -> None:
+        """Give back this process's shared-memory regions and close the channel (worker exit)."""
+        if self._regions is not None:
+            self._regions.close()
         self._client.close()
 
 
@@ -139,6 +178,12 @@ def init_worker_detector(settings: Settings) -> TritonDetector:
     detector = TritonDetector(settings)
     _worker_detectors[(os.getpid(), settings.triton_url)] = detector
     return detector
+
+
+def close_worker_detectors() -> None:
+    """Close this process's clients (gunicorn's worker_exit): unregisters its shared memory from Triton."""
+    for key in [key for key in _worker_detectors if key[0] == os.getpid()]:
+        _worker_detectors.pop(key).close()
 
 
 def worker_detector(settings: Settings) -> TritonDetector:

@@ -108,14 +108,15 @@ def _triton_doc(levels: dict[int, tuple[float, float]], failed: int = 0) -> dict
                                           + [{"concurrency": 8, "ok": False, "skipped": "time budget spent"}]}}}
 
 
-def _gateway_doc(levels: dict[int, tuple[float, float]], non2xx: int = 0) -> dict:
+def _gateway_doc(levels: dict[int, tuple[float, float]], non2xx: int = 0, transport: str | None = None,
+                 gateway_cpu_ms: float = 10.0) -> dict:
     return {"wrk": {"version": "wrk 4.1.0"}, "bodies": {"jpeg_quality": 95, "mean_bytes": 1000},
-            "gateway": {"workers": 2, "threads": 4},
+            "gateway": {"workers": 2, "threads": 4, **({"triton_shared_memory": transport} if transport else {})},
             "server_timing_c1": {"requests": 20, "p50_ms": {"decode": 3.0, "inference": 60.0, "total": 65.0},
                                  "direct_grpc_p50_ms": 59.0, "paired_added_p50_ms": 6.5},
             "levels": [{"concurrency": c, "ok": True, "throughput_rps": rate, "p50_ms": p50, "p95_ms": p50 * 1.3,
                         "p99_ms": p50 * 1.6, "requests": 100, "error_count": non2xx if c == 2 else 0,
-                        "gateway_cpu_ms_per_request": 10.0, "triton_cpu_ms_per_request": 60.0}
+                        "gateway_cpu_ms_per_request": gateway_cpu_ms, "triton_cpu_ms_per_request": 60.0}
                        for c, (rate, p50) in levels.items()]}
 
 
@@ -146,6 +147,35 @@ def test_summary_ratios_against_targets():
 
     only_reference = report.summarize(references)
     assert set(only_reference["ratios"]) == {"errors"}
+
+
+def test_both_gateway_transports_are_compared_and_the_default_carries_the_ratios(tmp_path):
+    """Shared memory vs pixels in gRPC side by side: the default's figures make the ratios, both count errors."""
+    triton = _triton_doc({1: (15.0, 62.0), 2: (24.0, 80.0)})
+    shared = _gateway_doc({1: (14.0, 66.0), 2: (21.0, 88.0)}, transport="system", gateway_cpu_ms=8.0)
+    inline = _gateway_doc({1: (13.0, 70.0), 2: (20.0, 95.0)}, non2xx=2, transport="off", gateway_cpu_ms=11.0)
+    summary = report.summarize([_reference_doc(20.0, 50.0)], triton, [shared, inline])
+
+    assert summary["ratios"]["gateway_vs_triton"]["value"] == pytest.approx(21 / 24, abs=1e-3)
+    assert summary["ratios"]["errors"]["value"] == 2  # the alternative's errors count too
+    comparison = summary["transport_comparison"]
+    assert comparison["default"] == "system" and comparison["faster"] == "system"
+    assert comparison["throughput_ratio"] == pytest.approx(21 / 20, abs=1e-3)
+    assert comparison["transports"]["off"] == {"best_throughput": 20.0, "best_concurrency": 2, "p50_ms_c1": 70.0,
+                                               "gateway_cpu_ms_per_request": 11.0, "paired_added_p50_ms_c1": 6.5}
+    labels = [row[0] for row in report.table_rows(summary)]
+    assert labels.count("gateway [shared memory]") == 2 and labels.count("gateway [pixels in gRPC]") == 2
+    assert "faster: shared memory" in report.console_table(summary)
+    report.write_report(summary, tmp_path)
+    assert "| pixels in gRPC | 20.0 (2) | 70.0 | 6.50 | 11.0 |" in (tmp_path / "summary.md").read_text()
+
+    # a results folder can be re-reported: the default's document first, then the alternative's
+    for name, document in (("reference.json", _reference_doc(20.0, 50.0)), ("gateway.json", shared),
+                           ("gateway-off.json", inline)):
+        (tmp_path / name).write_text(json.dumps(document))
+    _, _, gateways = report.load_documents(tmp_path)
+    assert [document["gateway"]["triton_shared_memory"] for document in gateways] == ["system", "off"]
+    assert report.summarize([_reference_doc(20.0, 50.0)], triton, shared)["transport_comparison"] is None
 
 
 def test_report_writes_json_markdown_and_plots(tmp_path):
@@ -193,7 +223,8 @@ def test_three_layer_run_writes_summary_markdown_and_plots(tmp_path, triton, mod
     summary = bench_main.run(args, server=triton, out=lines.append)
 
     assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(summary))
-    for name in ("reference.json", "reference-nospin.json", "triton.json", "gateway.json", "summary.md"):
+    for name in ("reference.json", "reference-nospin.json", "triton.json", "gateway.json", "gateway-off.json",
+                 "summary.md"):
         assert (tmp_path / name).is_file(), name
     for name in ("throughput.png", "latency.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
@@ -204,6 +235,8 @@ def test_three_layer_run_writes_summary_markdown_and_plots(tmp_path, triton, mod
 
     gateway = json.loads((tmp_path / "gateway.json").read_text())
     assert gateway["schema"] == bench_gateway.SCHEMA and gateway["gateway"]["workers"] == 1
+    assert gateway["gateway"]["triton_shared_memory"] == "system"  # the default first, then the alternative
+    assert json.loads((tmp_path / "gateway-off.json").read_text())["gateway"]["triton_shared_memory"] == "off"
     (level,) = gateway["levels"]
     assert level["ok"] and level["requests"] >= 1 and level["throughput_rps"] > 0
     assert level["error_count"] == 0 and level["errors"]["non2xx"] == 0
@@ -212,16 +245,19 @@ def test_three_layer_run_writes_summary_markdown_and_plots(tmp_path, triton, mod
     timing = gateway["server_timing_c1"]
     assert timing["faces_per_image"] >= 1 and timing["p50_ms"]["decode"] > 0 and "paired_added_p50_ms" in timing
 
-    assert set(summary["layers"]) == {"in_process", "triton", "gateway"}
+    assert set(summary["layers"]) == {"in_process", "triton", "gateway", "gateway_alternative"}
+    assert set(summary["transport_comparison"]["transports"]) == {"system", "off"}
     assert len(summary["layers"]["in_process"]["levels"]) == 2
     assert {"triton_vs_in_process", "gateway_vs_triton", "gateway_added_p50_ms_c1", "errors"} <= set(summary["ratios"])
     for ratio in summary["ratios"].values():
         assert isinstance(ratio["met"], bool) and ratio["value"] is not None
     text = (tmp_path / "summary.md").read_text()
-    assert "## Ratios against the targets" in text and "| gateway | 1 |" in text
+    assert "## Ratios against the targets" in text and "| gateway [shared memory] | 1 |" in text
+    assert "| gateway [pixels in gRPC] | 1 |" in text
     assert any("gateway / Triton-direct" in line for line in lines)  # the console table was printed
     assert any("=== Triton direct (perf_analyzer, gRPC) and gateway" in line for line in lines)  # progress
-    assert any(line.startswith("[") and "gateway c=1:" in line for line in lines)
+    assert any(line.startswith("[") and "gateway[shm] c=1:" in line for line in lines)
+    assert any(line.startswith("[") and "gateway[inline] c=1:" in line for line in lines)
 
 
 def test_config_variant_rewrites_only_the_edited_configs(tmp_path, model_repository):

@@ -227,6 +227,17 @@ def test_gateway_reaches_triton_on_triton_s_grpc_and_metrics_ports(services):
     assert (host, port, path) == ("triton", int(flag(triton_command, "metrics-port")), "/metrics")
 
 
+def test_a_gateway_using_shared_memory_shares_triton_s_ipc_namespace(services):
+    """Pixels via /dev/shm only work if the gateway sees Triton's /dev/shm: compose must join the namespaces."""
+    from gateway.settings import Settings
+
+    settings = Settings.from_env(environment(services["gateway"]))
+    if settings.triton_shared_memory == "system":
+        assert services["triton"].get("ipc") == "shareable"
+        assert services["gateway"].get("ipc") == "service:triton"
+        assert "triton" in services["gateway"]["depends_on"]
+
+
 def test_traces_go_to_jaeger_s_otlp_http_receiver(services):
     gateway = environment(services["gateway"])
     assert gateway["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf"

@@ -1,0 +1,168 @@
+"""Images handed to Triton through system shared memory instead of inside the gRPC message.
+
+Where the gateway and Triton share a host (and /dev/shm), each worker keeps a few regions registered with
+Triton; a request copies its pixels into a free one and the ModelInfer message only names it. That skips
+protobuf serialization, the HTTP/2 transfer and Triton's copy out of the message for the 0.3-5 MB of
+pixels. Where Triton cannot open the regions (another host, a container without the host's /dev/shm), the
+first registration says so and the worker sends pixels inline from then on.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import secrets
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import tritonclient.utils.shared_memory as shm
+from tritonclient.utils import InferenceServerException
+
+log = logging.getLogger(__name__)
+
+REGION_PREFIX = "facemask-gateway-"  # Triton region name and /dev/shm key of every region the gateway makes
+SHM_DIR = "/dev/shm"  # where POSIX shared memory keys live on Linux
+MAX_REGIONS_PER_WORKER = 64  # beyond this many images in flight in one worker, the extra ones go inline
+MAX_REGION_BYTES = 64 * 1024 * 1024  # larger images go inline rather than pinning a huge region per thread
+# Triton's answers when it cannot map a region, and when it does not know one (it restarted and forgot).
+UNMAPPABLE_HINT = "unable to open shared memory region"
+UNKNOWN_REGION_HINT = "unable to find shared memory region"
+
+
+class SharedMemoryUnavailable(Exception):
+    """Triton cannot map this host's shared memory: it runs elsewhere or in a container without /dev/shm."""
+
+
+def region_bytes(max_side: int, max_pixels: int) -> int:
+    """Room for the largest image the gateway sends: max_side x max_side x 3 after downscaling, capped."""
+    pixels = min(max_pixels, max_side * max_side) if max_side > 0 else max_pixels
+    return min(3 * pixels, MAX_REGION_BYTES)
+
+
+def is_unknown_region(error: InferenceServerException) -> bool:
+    return UNKNOWN_REGION_HINT in (error.message() or "").lower()
+
+
+class Region:
+    """One shared-memory region of this process, registered with Triton under its own name."""
+
+    def __init__(self, name: str, byte_size: int):
+        self.name, self.byte_size = name, byte_size
+        self.handle = shm.create_shared_memory_region(name, "/" + name, byte_size, create_only=True)
+
+    def write(self, array: np.ndarray) -> None:
+        shm.set_shared_memory_region(self.handle, [array])
+
+    def destroy(self) -> None:
+        shm.destroy_shared_memory_region(self.handle)
+
+
+class RegionPool:
+    """The regions of one worker process: leased to one request at a time, created and registered on demand."""
+
+    def __init__(self, client, byte_size: int):
+        self.client = client  # a tritonclient.grpc.InferenceServerClient
+        self.byte_size = byte_size
+        self.prefix = f"{REGION_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-"
+        self.available = True  # False once Triton has said it cannot map our regions
+        self._lock = threading.Lock()
+        self._free: list[Region] = []
+        self._all: list[Region] = []
+        self._swept = False
+
+    def fits(self, array: np.ndarray) -> bool:
+        return self.available and array.nbytes <= self.byte_size
+
+    @contextmanager
+    def lease(self) -> Iterator[Region | None]:
+        """A registered region for one request (None when the pool is full: send that image inline)."""
+        region = self._take()
+        try:
+            yield region
+        finally:
+            if region is not None:
+                with self._lock:
+                    self._free.append(region)
+
+    def _take(self) -> Region | None:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            if len(self._all) >= MAX_REGIONS_PER_WORKER:
+                return None
+            region = Region(f"{self.prefix}{len(self._all)}", self.byte_size)
+            self._all.append(region)
+        try:
+            self._register(region)
+        except BaseException:
+            with self._lock:
+                self._all.remove(region)
+            region.destroy()
+            raise
+        return region
+
+    def _register(self, region: Region) -> None:
+        try:
+            self.client.register_system_shared_memory(region.name, "/" + region.name, region.byte_size)
+        except InferenceServerException as error:
+            if UNMAPPABLE_HINT in (error.message() or "").lower():
+                self.available = False
+                raise SharedMemoryUnavailable(error.message()) from None
+            raise
+        if not self._swept:  # Triton mapped our region, so its /dev/shm is ours: a missing file is an orphan
+            self._swept = True
+            self.unregister_orphans()
+
+    def register_again(self) -> None:
+        """After a Triton restart: register every region of this process again (Triton forgets them)."""
+        with self._lock:
+            regions = list(self._all)
+        for region in regions:
+            try:
+                self.client.register_system_shared_memory(region.name, "/" + region.name, region.byte_size)
+            except InferenceServerException as error:
+                if "already" not in (error.message() or "").lower():  # another thread got there first
+                    raise
+
+    def unregister_orphans(self) -> None:
+        """Unregister gateway regions Triton still holds whose memory is gone (a worker that was killed)."""
+        try:
+            status = self.client.get_system_shared_memory_status(as_json=True)
+        except InferenceServerException:
+            return  # Triton down: the registration that follows reports it
+        for name, region in status.get("regions", {}).items():
+            key = region.get("key", "").lstrip("/")
+            if name.startswith(REGION_PREFIX) and not os.path.exists(os.path.join(SHM_DIR, key)):
+                try:
+                    self.client.unregister_system_shared_memory(name)
+                    log.info("unregistered orphaned shared memory region %s from Triton", name)
+                except InferenceServerException:
+                    pass
+
+    def close(self) -> None:
+        """Unregister and free every region (worker exit); in-flight requests must be over."""
+        with self._lock:
+            regions, self._all, self._free = self._all, [], []
+        for region in regions:
+            try:
+                self.client.unregister_system_shared_memory(region.name)
+            except InferenceServerException:
+                pass  # Triton gone: nothing left to unregister
+            try:
+                region.destroy()
+            except FileNotFoundError:
+                pass  # removed from outside already (e.g. by hand); the rest are still freed
+
+
+def remove_region_files(pid: int) -> None:
+    """Free the shared memory of a worker that died without cleaning up (gunicorn's master, child_exit).
+
+    Triton may still map it; the next worker to register a region unregisters such orphans.
+    """
+    for path in glob.glob(os.path.join(SHM_DIR, f"{REGION_PREFIX}{pid}-*")):
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass

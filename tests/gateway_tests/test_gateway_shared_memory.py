@@ -1,0 +1,321 @@
+"""Images reach Triton through system shared memory: same answers as inline, regions given back, re-registered
+after Triton forgets them, inline where Triton cannot map them, and a killed worker's regions cleaned up.
+
+The live tests use the session gateway stack's tritonserver (one Triton for all gateway tests), real /dev/shm,
+real gunicorn and, for the unmappable case, a child process with its own /dev/shm (a private mount namespace).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.grpc as grpcclient
+import tritonclient.utils.shared_memory as shm
+from flask import Flask
+from gateway_helpers import INHERITED_OBSERVABILITY_VARIABLES, REPO_ROOT, Gunicorn, free_port
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from opentelemetry.trace import SpanKind
+
+from gateway.settings import Settings
+from gateway.shared_memory import MAX_REGION_BYTES, REGION_PREFIX, SHM_DIR, region_bytes, remove_region_files
+from gateway.tracing import PROVIDER_KEY
+from gateway.triton_client import TRANSPORT_ATTRIBUTE, TritonDetector
+
+live = pytest.mark.triton
+WORKER_RESPAWN_TIMEOUT_S = 30
+INLINE_WARNING = "sends images inside the gRPC request"
+
+# A gateway process whose /dev/shm Triton cannot see: run under `unshare --mount` with a fresh tmpfs there.
+PRIVATE_SHM_CHILD = r"""
+import json, logging, os, sys
+import numpy as np
+from gateway.settings import Settings
+from gateway.triton_client import TritonDetector
+
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+url, image_path = sys.argv[1:3]
+image = np.load(image_path)
+shm_before = sorted(os.listdir("/dev/shm"))
+detector = TritonDetector(Settings(triton_url=url))
+try:
+    runs = [detector.detect(image) for _ in range(2)]
+    print(json.dumps({"shm_before": shm_before, "faces": [len(run.labels) for run in runs],
+                      "boxes": [run.boxes.tolist() for run in runs], "labels": [run.labels for run in runs],
+                      "available": detector._regions.available}))
+finally:
+    detector.close()
+"""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+def registered(triton_url: str, prefix: str) -> dict[str, dict]:
+    """Triton's system shared-memory regions whose name starts with `prefix` (name -> status)."""
+    with grpcclient.InferenceServerClient(triton_url) as client:
+        regions = client.get_system_shared_memory_status(as_json=True).get("regions", {})
+    return {name: region for name, region in regions.items() if name.startswith(prefix)}
+
+
+def region_files(prefix: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(SHM_DIR, prefix + "*")))
+
+
+def worker_prefix(pid: int) -> str:
+    return f"{REGION_PREFIX}{pid}-"
+
+
+def children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(child) for child in found]
+
+
+@contextmanager
+def captured_spans() -> Iterator[InMemorySpanExporter]:
+    """Every span the gateway's tracer makes inside the block (an app whose provider samples all of them)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_ON)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = Flask(__name__)
+    app.extensions[PROVIDER_KEY] = provider  # what gateway.tracing._tracer() uses inside an app context
+    with app.app_context():
+        yield exporter
+    provider.shutdown()
+
+
+def transports(exporter: InMemorySpanExporter) -> list[str]:
+    return [span.attributes.get(TRANSPORT_ATTRIBUTE) for span in exporter.get_finished_spans()
+            if span.kind == SpanKind.CLIENT]
+
+
+def assert_same_detections(got, want) -> None:
+    assert got.labels == want.labels
+    np.testing.assert_allclose(got.boxes, want.boxes, rtol=0, atol=1e-3)
+    np.testing.assert_allclose(got.scores, want.scores, rtol=0, atol=1e-5)
+
+
+def detect_in_private_shm(triton_url: str, image: np.ndarray, tmp_path) -> tuple[dict, str]:
+    """Run PRIVATE_SHM_CHILD: (its JSON answer, its stderr)."""
+    image_path = tmp_path / "image.npy"
+    np.save(image_path, image)
+    env = {key: value for key, value in os.environ.items() if key not in INHERITED_OBSERVABILITY_VARIABLES}
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", 'mount -t tmpfs tmpfs /dev/shm && exec "$0" "$@"',
+         sys.executable, "-c", PRIVATE_SHM_CHILD, triton_url, str(image_path)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+@pytest.fixture
+def triton_url(gateway_stack) -> str:
+    return gateway_stack.triton.grpc_url
+
+
+@pytest.fixture
+def inline_detector(triton_url) -> Iterator[TritonDetector]:
+    detector = TritonDetector(Settings(triton_url=triton_url, triton_shared_memory="off"))
+    yield detector
+    detector.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# unit: sizes, settings, the master's clean-up
+def test_a_region_holds_the_largest_downscaled_image():
+    """Every image the gateway sends after downscaling to max_side fits, with no more memory pinned than that."""
+    assert region_bytes(1280, 40_000_000) == 3 * 1280 * 1280
+    assert region_bytes(1280, 1000) == 3 * 1000  # a pixel cap below max_side^2 is what bounds it
+    assert region_bytes(0, 1000) == 3 * 1000  # no downscaling: bounded by max_pixels ...
+    assert region_bytes(0, 40_000_000) == MAX_REGION_BYTES  # ... and by the cap on one region
+
+
+def test_shared_memory_setting_defaults_to_system_and_rejects_unknown_values():
+    """A typo must fail at start-up, naming the variable, not silently send inline."""
+    assert Settings().triton_shared_memory == "system"
+    assert Settings.from_env({}).triton_shared_memory == "system"
+    assert Settings.from_env({"GATEWAY_TRITON_SHARED_MEMORY": "off"}).triton_shared_memory == "off"
+    with pytest.raises(ValueError, match="GATEWAY_TRITON_SHARED_MEMORY"):
+        Settings.from_env({"GATEWAY_TRITON_SHARED_MEMORY": "bogus"})
+
+
+def test_removing_a_dead_workers_files_leaves_other_workers_alone():
+    """child_exit frees only the dead pid's regions, even where another pid starts with the same digits."""
+    dead, alive = 900000001, 9000000012  # beyond any pid_max: never a real process
+    handles = [shm.create_shared_memory_region(name, "/" + name, 64, create_only=True)
+               for name in (f"{worker_prefix(dead)}test-0", f"{worker_prefix(dead)}test-1",
+                            f"{worker_prefix(alive)}test-0")]
+    try:
+        assert len(region_files(worker_prefix(dead))) == 2 and len(region_files(worker_prefix(alive))) == 1
+        remove_region_files(dead)
+        assert region_files(worker_prefix(dead)) == []
+        assert len(region_files(worker_prefix(alive))) == 1
+        remove_region_files(dead)  # a second call (nothing left) is harmless
+    finally:
+        for handle in handles:
+            try:
+                shm.destroy_shared_memory_region(handle)
+            except FileNotFoundError:
+                pass  # removed by remove_region_files
+    assert region_files(worker_prefix(alive)) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# live: one detector against the real tritonserver
+@live
+def test_shared_memory_gives_the_inline_answers_and_gives_its_region_back(triton_url, inline_detector, real_images):
+    """Pixels read from the region must be exactly the image sent; the region lives as long as the detector."""
+    detector = TritonDetector(Settings(triton_url=triton_url))
+    prefix = detector._regions.prefix
+    try:
+        with captured_spans() as spans:
+            for image in real_images.values():  # different sizes through the same region
+                want = inline_detector.detect(image)
+                assert len(want.labels) >= 1
+                assert_same_detections(detector.detect(image), want)
+        assert transports(spans) == ["grpc", "system_shared_memory"] * len(real_images)
+        regions = registered(triton_url, prefix)
+        assert len(regions) == 1  # one request at a time: one region, reused
+        (region,) = regions.values()
+        assert os.path.exists(os.path.join(SHM_DIR, region["key"].lstrip("/")))
+        assert region_files(prefix) != []
+    finally:
+        detector.close()
+    assert registered(triton_url, prefix) == {}
+    assert region_files(prefix) == []
+
+
+@live
+def test_an_image_larger_than_a_region_goes_inline(triton_url, inline_detector, real_images):
+    """With max_side unset a huge image must not need a huge region: it is sent inside the request."""
+    image = real_images["grace_hopper"]
+    detector = TritonDetector(Settings(triton_url=triton_url, max_side=0, max_pixels=image.shape[0] * 10))
+    try:
+        with captured_spans() as spans:
+            assert_same_detections(detector.detect(image), inline_detector.detect(image))
+        assert transports(spans) == ["grpc", "grpc"]
+        assert registered(triton_url, detector._regions.prefix) == {}
+        assert region_files(detector._regions.prefix) == []
+    finally:
+        detector.close()
+
+
+@live
+def test_regions_triton_forgot_are_registered_again(triton_url, inline_detector, real_images):
+    """After a Triton restart the next request still goes through shared memory, not an error."""
+    image = real_images["grace_hopper"]
+    want = inline_detector.detect(image)
+    detector = TritonDetector(Settings(triton_url=triton_url))
+    prefix = detector._regions.prefix
+    try:
+        assert_same_detections(detector.detect(image), want)
+        names = set(registered(triton_url, prefix))
+        assert names
+        with grpcclient.InferenceServerClient(triton_url) as admin:  # what a restarted Triton knows: nothing
+            for name in names:
+                admin.unregister_system_shared_memory(name)
+        assert registered(triton_url, prefix) == {}
+
+        with captured_spans() as spans:
+            assert_same_detections(detector.detect(image), want)
+        assert transports(spans) == ["system_shared_memory"]
+        assert [span.attributes.get("rpc.grpc.status_code") for span in spans.get_finished_spans()] == [0]
+        assert set(registered(triton_url, prefix)) == names
+    finally:
+        detector.close()
+    assert registered(triton_url, prefix) == {}
+
+
+@live
+def test_a_gateway_whose_shared_memory_triton_cannot_map_sends_inline(triton_url, inline_detector, real_images,
+                                                                       tmp_path):
+    """Triton on another host or container: the first request finds out, warns once, and every request works."""
+    image = real_images["grace_hopper"]
+    want = inline_detector.detect(image)
+    answer, stderr = detect_in_private_shm(triton_url, image, tmp_path)
+    assert answer["shm_before"] == []  # the child really had a /dev/shm of its own
+    assert answer["available"] is False
+    assert answer["faces"] == [len(want.labels)] * 2
+    for boxes, labels in zip(answer["boxes"], answer["labels"]):
+        assert labels == want.labels
+        np.testing.assert_allclose(np.array(boxes, np.float32).reshape(-1, 4), want.boxes, rtol=0, atol=1e-3)
+    assert stderr.count(INLINE_WARNING) == 1, stderr  # found out once, not per request
+
+
+@live
+def test_a_gateway_triton_cannot_map_leaves_other_gateways_regions_alone(triton_url, real_images, tmp_path):
+    """A remote gateway's /dev/shm says nothing about which of Triton's regions are orphaned."""
+    image = real_images["grace_hopper"]
+    neighbour = TritonDetector(Settings(triton_url=triton_url))
+    prefix = neighbour._regions.prefix
+    try:
+        neighbour.detect(image)
+        names = set(registered(triton_url, prefix))
+        assert names
+        answer, _ = detect_in_private_shm(triton_url, image, tmp_path)
+        assert answer["available"] is False
+        assert set(registered(triton_url, prefix)) == names
+    finally:
+        neighbour.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# live: gunicorn's hooks
+@live
+def test_a_killed_workers_regions_are_freed_and_unregistered(gateway_stack, hopper_jpeg):
+    """SIGKILL skips worker_exit: the master frees the memory, the next worker unregisters it from Triton."""
+    triton_url = gateway_stack.triton.grpc_url
+    env = gateway_stack.environment(free_port(), {"GATEWAY_WORKERS": "1"})
+    gunicorn = Gunicorn(env, gateway_stack.log_dir / "shared-memory.log").start()
+    master = gunicorn.process.pid
+    worker_pids: list[int] = []
+
+    def post():
+        return requests.post(gunicorn.url + "/v1/detect", data=hopper_jpeg,
+                             headers={"Content-Type": "image/jpeg"}, timeout=60)
+
+    try:
+        assert post().status_code == 200
+        (worker,) = children(master)
+        worker_pids.append(worker)
+        dead_prefix = worker_prefix(worker)
+        dead_files = region_files(dead_prefix)
+        dead_regions = set(registered(triton_url, dead_prefix))
+        assert dead_files and dead_regions
+
+        # Its resource tracker (multiprocessing's, a child of the worker) would unlink the memory too: kill it
+        # first, as an OOM kill of the whole cgroup would, so only the master's child_exit can free it.
+        for helper in children(worker):
+            os.kill(helper, signal.SIGKILL)
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + WORKER_RESPAWN_TIMEOUT_S
+        while True:
+            respawned = [pid for pid in children(master) if pid != worker]
+            if respawned and not any(os.path.exists(path) for path in dead_files):
+                break
+            assert time.monotonic() < deadline, (
+                f"no new worker or {dead_files} still there; see {gunicorn.log_path}")
+            time.sleep(0.1)
+        (new_worker,) = respawned
+        worker_pids.append(new_worker)
+        assert set(registered(triton_url, dead_prefix)) == dead_regions  # Triton still maps the freed memory
+
+        assert post().status_code == 200  # the new worker's first registration sweeps the orphans
+        assert registered(triton_url, dead_prefix) == {}
+        assert region_files(worker_prefix(new_worker)) and registered(triton_url, worker_prefix(new_worker))
+    finally:
+        gunicorn.stop()
+    for pid in worker_pids:  # a graceful stop (worker_exit) leaves nothing behind
+        assert region_files(worker_prefix(pid)) == []
+        assert registered(triton_url, worker_prefix(pid)) == {}
