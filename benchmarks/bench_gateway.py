@@ -40,7 +40,7 @@ import cv2
 import numpy as np
 
 from benchmarks.common import machine_info, machine_line, results_dir, write_json
-from benchmarks.cpu import CpuMeter, triton_session
+from benchmarks.cpu import CpuMeter, session_pids, triton_session
 from benchmarks.image_set import benchmark_images, describe
 from benchmarks.model_inputs import ENSEMBLE
 from benchmarks.triton_stats import model_stats, stats_delta
@@ -423,6 +423,7 @@ class GatewaySweep:
                      f"({gateway.settings.workers} workers x {gateway.settings.threads} threads, "
                      f"GATEWAY_TRITON_SHARED_MEMORY={self.transport})")
             timing_breakdown(gateway.url, self.bodies, passes=1)  # every body once: checks the answers
+            self._check_transport(server.grpc_url, gateway.session)
             if settings.warmup_s:
                 run_wrk(self.binary, gateway.url, self.body_list, max(2, 2 * gateway.settings.workers),
                         settings.warmup_s, settings, self.wrk_log)
@@ -439,6 +440,14 @@ class GatewaySweep:
             raise
         finally:
             self.spent_s += time.monotonic() - began
+
+    def _check_transport(self, grpc_url: str, session: int) -> None:
+        """The pixels went the way this sweep is labelled: its workers hold Triton shared memory iff "system"."""
+        regions = gateway_regions(grpc_url, session_pids(session))
+        self.document["gateway"]["shared_memory_regions"] = len(regions)
+        if bool(regions) != (self.transport == "system"):
+            raise GatewayBenchError(f"the gateway labelled GATEWAY_TRITON_SHARED_MEMORY={self.transport} holds "
+                                    f"{len(regions)} shared-memory regions on Triton; see its gunicorn log")
 
     def level(self, concurrency: int) -> dict:
         began = time.monotonic()
@@ -475,6 +484,18 @@ class GatewaySweep:
     @property
     def label(self) -> str:
         return f"gateway[{TRANSPORT_LABELS.get(self.transport, self.transport)}]"
+
+
+def gateway_regions(grpc_url: str, pids: Sequence[int]) -> list[str]:
+    """Names of the system shared-memory regions Triton holds for gateway workers among `pids`."""
+    import tritonclient.grpc as grpcclient
+
+    from gateway.shared_memory import REGION_PREFIX
+
+    with grpcclient.InferenceServerClient(grpc_url) as client:
+        names = client.get_system_shared_memory_status(as_json=True).get("regions", {})
+    prefixes = tuple(f"{REGION_PREFIX}{pid}-" for pid in pids)
+    return sorted(name for name in names if prefixes and name.startswith(prefixes))
 
 
 def _default_transport() -> str:

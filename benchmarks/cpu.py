@@ -22,19 +22,26 @@ def _stat_fields(pid: str) -> list[str] | None:
     return text[text.rfind(")") + 2:].split()  # fields from `state` on: the command may contain spaces
 
 
-def session_cpu_seconds(session: int) -> float | None:
-    """User + system seconds of every live process in `session` (None where /proc is unavailable)."""
-    if not Path("/proc/self/stat").is_file():
-        return None
-    ticks = 0
+def _session_stats(session: int):
+    """(pid, stat fields from `state` on) of every live process in `session`."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         fields = _stat_fields(entry)
         # state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime ...
         if fields and len(fields) > 12 and int(fields[3]) == session:
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / CLOCK_TICKS
+            yield int(entry), fields
+
+
+def session_pids(session: int) -> list[int]:
+    return [pid for pid, _ in _session_stats(session)]
+
+
+def session_cpu_seconds(session: int) -> float | None:
+    """User + system seconds of every live process in `session` (None where /proc is unavailable)."""
+    if not Path("/proc/self/stat").is_file():
+        return None
+    return sum(int(fields[11]) + int(fields[12]) for _, fields in _session_stats(session)) / CLOCK_TICKS
 
 
 def session_of(pid: int) -> int | None:

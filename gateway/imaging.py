@@ -35,8 +35,13 @@ def check_pixel_count(data: bytes, max_pixels: int) -> tuple[int, int]:
 
 
 def _jpeg_is_truncated(data: bytes) -> bool:
-    """A complete JPEG has an end-of-image marker after its last scan (0xFF is byte-stuffed inside scans)."""
-    return data.rfind(JPEG_END_OF_IMAGE) < data.rfind(JPEG_START_OF_SCAN)
+    """A complete JPEG has an end-of-image marker after its last scan (0xFF is byte-stuffed inside scans).
+
+    Searched from the last end-of-image marker on, not for the last scan from the end: that would walk back
+    through the whole entropy-coded image (0.15 ms for a 110 kB upload).
+    """
+    end = data.rfind(JPEG_END_OF_IMAGE)
+    return data.find(JPEG_START_OF_SCAN, end + 1 if end >= 0 else 0) != -1
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:

@@ -10,11 +10,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Sequence
 
-from gateway.settings import Settings, env_name
+from gateway.settings import ENV_PREFIX, Settings, env_name
 
 GUNICORN_CONF = Path(__file__).with_name("gunicorn.conf.py")
 GATEWAY_START_TIMEOUT_S = 60.0
@@ -79,10 +79,13 @@ def gunicorn_command() -> list[str]:
 
 
 def gateway_environment(settings: Settings) -> dict[str, str]:
-    """This process's environment with `settings` written over the GATEWAY_* variables the workers read."""
+    """This process's environment with every GATEWAY_* field of `settings` written over it (the workers read
+    them back). The OTEL_* and PROMETHEUS_* fields are left as they are: their own libraries read them too."""
     env = dict(os.environ)
-    for name in ("host", "port", "workers", "threads", "triton_url", "triton_metrics_url"):
-        env[env_name(name)] = str(getattr(settings, name))
+    for field in fields(Settings):
+        name = env_name(field.name)
+        if name.startswith(ENV_PREFIX):
+            env[name] = str(getattr(settings, field.name))
     return env
 
 

@@ -236,7 +236,10 @@ def test_three_layer_run_writes_summary_markdown_and_plots(tmp_path, triton, mod
     gateway = json.loads((tmp_path / "gateway.json").read_text())
     assert gateway["schema"] == bench_gateway.SCHEMA and gateway["gateway"]["workers"] == 1
     assert gateway["gateway"]["triton_shared_memory"] == "system"  # the default first, then the alternative
-    assert json.loads((tmp_path / "gateway-off.json").read_text())["gateway"]["triton_shared_memory"] == "off"
+    inline = json.loads((tmp_path / "gateway-off.json").read_text())["gateway"]
+    assert inline["triton_shared_memory"] == "off"
+    # checked against Triton, not taken from the label: only the shared-memory gateway registered regions
+    assert gateway["gateway"]["shared_memory_regions"] >= 1 and inline["shared_memory_regions"] == 0
     (level,) = gateway["levels"]
     assert level["ok"] and level["requests"] >= 1 and level["throughput_rps"] > 0
     assert level["error_count"] == 0 and level["errors"]["non2xx"] == 0

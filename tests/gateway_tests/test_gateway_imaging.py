@@ -69,6 +69,18 @@ def test_truncated_images_are_refused(real_images, ext):
         decode_image(data[: len(data) * 2 // 3], LIMIT)
 
 
+def test_a_jpeg_carrying_a_complete_thumbnail_is_judged_by_its_own_end(real_images):
+    """An embedded thumbnail (a whole JPEG in an APP segment) ends before the main scan: that end does not count."""
+    thumbnail = encode(np.full((16, 16, 3), 128, np.uint8), ".jpg")
+    payload = b"Exif\0\0" + thumbnail  # not a valid EXIF block; decoders skip what they cannot parse
+    segment = b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
+    main = encode(real_images["grace_hopper"], ".jpg")
+    whole = main[:2] + segment + main[2:]
+    assert decode_image(whole, LIMIT).shape == real_images["grace_hopper"].shape
+    with pytest.raises(InvalidImage, match="truncated"):
+        decode_image(whole[: len(whole) * 2 // 3], LIMIT)
+
+
 def test_small_images_are_sent_untouched():
     image = np.zeros((600, 512, 3), np.uint8)
     scaled = fit_within(image, 1280)

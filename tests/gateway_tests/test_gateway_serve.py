@@ -47,3 +47,19 @@ def test_serve_starts_both_and_ctrl_c_stops_both(model_repository):
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def test_every_gateway_setting_reaches_the_workers(monkeypatch):
+    """gunicorn's workers rebuild Settings from the environment: what serve (or the benchmark) chose must survive."""
+    from dataclasses import fields, replace
+
+    from gateway.serve import gateway_environment
+    from gateway.settings import Settings, env_name
+
+    for field in fields(Settings):
+        monkeypatch.delenv(env_name(field.name), raising=False)
+    chosen = replace(Settings(), port=9999, workers=3, triton_shared_memory="off", max_side=640,
+                     triton_timeout_s=2.5, access_log="off", model_version="2")
+    environment = gateway_environment(chosen)
+    assert environment["GATEWAY_TRITON_SHARED_MEMORY"] == "off"
+    assert Settings.from_env(environment) == chosen
