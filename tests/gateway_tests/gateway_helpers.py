@@ -24,8 +24,6 @@ import requests
 
 from ensemble.ssd import pairwise_iou
 from ensemble.triton.launcher import TraceSettings, TritonServer
-from gateway.tracing import triton_trace_headers
-from gateway.triton_client import ModelDetections, Readiness
 
 EXIF_ORIENTATION_TAG = 0x0112
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -78,6 +76,19 @@ def matched_iou(boxes: np.ndarray, expected: np.ndarray) -> np.ndarray:
     expected = np.asarray(expected, dtype=np.float32).reshape(-1, 4)
     assert len(boxes) == len(expected), (boxes, expected)
     return np.diag(pairwise_iou(boxes, expected)) if len(boxes) else np.ones(0)
+
+
+MIN_IOU = 0.99  # gateway answers vs the in-process reference: the same boxes, up to JPEG and rounding
+
+
+def assert_matches_reference(body, expected, image_shape):
+    """A gateway answer (one image) equals the reference pipeline's detections for the same pixels."""
+    assert body["image"] == {"width": image_shape[1], "height": image_shape[0]}
+    boxes = [d["box"] for d in body["detections"]]
+    assert [d["label"] for d in body["detections"]] == list(expected.labels)
+    assert matched_iou(boxes, expected.boxes).min(initial=1.0) >= MIN_IOU
+    np.testing.assert_allclose([d["score"] for d in body["detections"]], expected.scores, atol=2e-3)
+    np.testing.assert_allclose([d["label_score"] for d in body["detections"]], expected.label_scores, atol=2e-3)
 
 
 def json_shape(value):
@@ -235,25 +246,10 @@ class GatewayStack:
 
 
 class FakeDetector:
-    """Triton's place in the in-process app tests: one face in the middle quarter of whatever it is sent.
+    """Triton's stand-in only to raise what no real Triton call raises (a KeyError inside the call, say)."""
 
-    It records what Triton would receive. Every behaviour these tests check also has a live twin against the
-    real tritonserver (contract, outage, tracing and metrics tests); the fake is the only way to raise an
-    unexpected exception (`fail_with=KeyError(...)`) inside the Triton call.
-    """
-
-    def __init__(self, fail_with=None, label="mask", label_score=0.8):
+    def __init__(self, fail_with: Exception):
         self.fail_with = fail_with
-        self.label, self.label_score = label, label_score
-        self.calls = []
 
     def detect(self, image, parameters=None):
-        self.calls.append({"shape": image.shape, "parameters": parameters, "headers": triton_trace_headers()})
-        if self.fail_with:
-            raise self.fail_with
-        h, w = image.shape[:2]
-        return ModelDetections(np.array([[w / 4, h / 4, w / 2, h / 2]], np.float32), np.array([0.9], np.float32),
-                               [self.label], np.array([self.label_score], np.float32), "1")
-
-    def readiness(self):
-        return Readiness(False, False, "fake Triton is down") if self.fail_with else Readiness(True, True, "ok")
+        raise self.fail_with

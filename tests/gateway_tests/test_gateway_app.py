@@ -1,74 +1,144 @@
-"""The Flask app with Triton replaced by a fake: response shapes, headers, error mapping, trace propagation."""
+"""The Flask app in process on the session's real tritonserver: answers, headers, errors, outage, trace context."""
 import io
+from dataclasses import replace
 
 import cv2
 import numpy as np
 import pytest
+from gateway_helpers import FakeDetector, assert_matches_reference, encode, free_port, matched_iou
 
-from gateway import create_app
-from gateway.errors import TritonUnreachable
+from gateway import create_app, triton_client
 from gateway.settings import Settings
-from gateway_helpers import FakeDetector, encode
 
 CALLER_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+MAX_SIDE = 1000  # below the two-face image's 2048 px width, so it is downscaled before Triton
+live = pytest.mark.triton
+
+
+def app_client(triton_url, **settings):
+    """A test client of the app whose real gRPC client (gateway.triton_client.worker_detector) talks to `triton_url`."""
+    return create_app({"SETTINGS": Settings(triton_url=triton_url, **settings)}).test_client()
+
+
+def down_url() -> str:
+    """Where no Triton listens: calls fail as they do when Triton is down."""
+    return f"127.0.0.1:{free_port()}"
+
+
+def decoded(data: bytes) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_real_clients():
+    """The app's per-process Triton clients are closed after the module, so their shared memory is given back."""
+    yield
+    triton_client.close_worker_detectors()
 
 
 @pytest.fixture
-def fake():
-    return FakeDetector()
-
-
-@pytest.fixture
-def client(fake):
-    return create_app({"SETTINGS": Settings(max_side=1000), "DETECTOR": fake}).test_client()
+def client(gateway_stack):
+    triton = gateway_stack.triton
+    return app_client(triton.grpc_url, max_side=MAX_SIDE, triton_metrics_url=triton.metrics_url)
 
 
 @pytest.fixture(scope="module")
-def wide_jpeg():
-    return encode(np.full((600, 2000, 3), 90, np.uint8), ".jpg")
+def two_faces(real_images):
+    """grace_hopper and astronaut side by side, upscaled 2x (2048x1200, two no_mask faces): its JPEG and pixels."""
+    hopper, astronaut = real_images["grace_hopper"], real_images["astronaut"]
+    astronaut = cv2.copyMakeBorder(astronaut, 0, hopper.shape[0] - astronaut.shape[0], 0, 0, cv2.BORDER_CONSTANT)
+    tiled = cv2.resize(np.hstack([hopper, astronaut]), None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC)
+    jpeg = encode(tiled, ".jpg")
+    return jpeg, decoded(jpeg)
 
 
-def test_detect_maps_boxes_back_and_sets_headers(client, fake, wide_jpeg):
-    response = client.post("/v1/detect?max_faces=2", data=wide_jpeg,
-                           headers={"Content-Type": "image/jpeg", "X-Request-ID": "abc-123"})
-    assert response.status_code == 200
+def reference_after_downscaling(reference_pipeline, pixels, max_side, **overrides):
+    """The reference's answer for `pixels` shrunk to `max_side` as the gateway sends it, boxes scaled back up."""
+    height, width = pixels.shape[:2]
+    factor = max_side / max(height, width)
+    sent = cv2.resize(pixels, (round(width * factor), round(height * factor)), interpolation=cv2.INTER_AREA)
+    found = reference_pipeline.detect(sent, replace(reference_pipeline.params, **overrides))
+    scale = np.array([sent.shape[1] / width, sent.shape[0] / height] * 2)
+    return replace(found, boxes=found.boxes / scale)
+
+
+@pytest.fixture
+def headers_to_triton(monkeypatch):
+    """The gRPC metadata the real client sends Triton, recorded by a spy that calls through to the real function."""
+    sent = []
+    real = triton_client.triton_trace_headers
+
+    def spy():
+        headers = real()
+        sent.append(headers)
+        return headers
+
+    monkeypatch.setattr(triton_client, "triton_trace_headers", spy)  # TritonDetector._infer looks it up here
+    return sent
+
+
+@live
+def test_detect_maps_boxes_back_and_sets_headers(client, two_faces, reference_pipeline):
+    jpeg, pixels = two_faces
+    response = client.post("/v1/detect", data=jpeg, headers={"Content-Type": "image/jpeg", "X-Request-ID": "abc-123"})
+    assert response.status_code == 200, response.get_data(as_text=True)
     body = response.get_json()
     assert list(body) == ["request_id", "image", "model", "detections", "timing_ms"]
     assert body["request_id"] == response.headers["X-Request-ID"] == "abc-123"
-    assert body["image"] == {"width": 2000, "height": 600}
-    assert fake.calls[0]["shape"] == (300, 1000, 3)  # downscaled to max_side before Triton
-    assert fake.calls[0]["parameters"] == {"max_faces": 2}
-    assert body["detections"] == [{"box": [500.0, 150.0, 1000.0, 300.0], "score": 0.9, "label": "mask",
-                                   "label_score": 0.8}]
+    assert body["image"] == {"width": 2048, "height": 1200}
+    assert len(body["detections"]) == 2
+    # Downscaled to MAX_SIDE before Triton, boxes mapped back to the original's pixels.
+    assert_matches_reference(body, reference_after_downscaling(reference_pipeline, pixels, MAX_SIDE), pixels.shape)
+    full_size = reference_pipeline.detect(pixels).boxes
+    assert matched_iou([d["box"] for d in body["detections"]], full_size).min() >= 0.9
     timing = response.headers["Server-Timing"]
     assert timing.startswith("decode;dur=") and "inference;dur=" in timing and "total;dur=" in timing
 
 
-def test_accept_jpeg_returns_the_annotated_image_at_original_size(client, wide_jpeg):
-    response = client.post("/v1/detect", data=wide_jpeg, headers={"Content-Type": "image/jpeg",
-                                                                   "Accept": "image/jpeg"})
+@live
+def test_max_faces_reaches_triton(client, two_faces, reference_pipeline):
+    jpeg, pixels = two_faces
+    response = client.post("/v1/detect?max_faces=1", data=jpeg, headers={"Content-Type": "image/jpeg"})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    expected = reference_after_downscaling(reference_pipeline, pixels, MAX_SIDE, max_faces=1)
+    assert len(expected) == 1
+    assert_matches_reference(response.get_json(), expected, pixels.shape)
+
+
+@live
+def test_accept_jpeg_returns_the_annotated_image_at_original_size(client, two_faces):
+    jpeg, pixels = two_faces
+    detections = client.post("/v1/detect", data=jpeg, headers={"Content-Type": "image/jpeg"}).get_json()["detections"]
+    assert [d["label"] for d in detections] == ["no_mask", "no_mask"]
+    response = client.post("/v1/detect", data=jpeg, headers={"Content-Type": "image/jpeg", "Accept": "image/jpeg"})
     assert response.status_code == 200 and response.mimetype == "image/jpeg"
-    annotated = cv2.imdecode(np.frombuffer(response.data, np.uint8), cv2.IMREAD_COLOR)
-    assert annotated.shape == (600, 2000, 3)
-    b, g, r = annotated[150, 750].astype(int)  # on the top edge of the box: green for "mask"
-    assert g > 150 and r < 100
+    annotated = decoded(response.data)
+    assert annotated.shape == pixels.shape
+    for x1, _, x2, y2 in (d["box"] for d in detections):
+        b, g, r = annotated[round(y2), round((x1 + x2) / 2)].astype(int)  # on the bottom edge: red for "no_mask"
+        assert r > 150 and g < 100 and b < 100, (b, g, r)
 
 
-def test_a_sampled_caller_trace_continues_to_triton(client, fake, wide_jpeg):
-    client.post("/v1/detect", data=wide_jpeg, headers={
+@live
+def test_a_sampled_caller_trace_continues_to_triton(client, headers_to_triton, hopper_jpeg):
+    response = client.post("/v1/detect", data=hopper_jpeg, headers={
         "Content-Type": "image/jpeg", "traceparent": f"00-{CALLER_TRACE_ID}-00f067aa0ba902b7-01"})
-    assert fake.calls[-1]["headers"]["traceparent"].split("-")[1] == CALLER_TRACE_ID
+    assert response.status_code == 200
+    assert headers_to_triton[-1]["traceparent"].split("-")[1] == CALLER_TRACE_ID
 
 
-def test_a_sampled_out_caller_trace_sends_nothing_to_triton(client, fake, wide_jpeg):
-    client.post("/v1/detect", data=wide_jpeg, headers={
+@live
+def test_a_sampled_out_caller_trace_sends_nothing_to_triton(client, headers_to_triton, hopper_jpeg):
+    response = client.post("/v1/detect", data=hopper_jpeg, headers={
         "Content-Type": "image/jpeg", "traceparent": f"00-{CALLER_TRACE_ID}-00f067aa0ba902b7-00"})
-    assert fake.calls[-1]["headers"] is None
+    assert response.status_code == 200
+    assert headers_to_triton and headers_to_triton[-1] is None
 
 
-def test_batch_keeps_order_and_isolates_bad_images(client, wide_jpeg):
+@live
+def test_batch_keeps_order_and_isolates_bad_images(client, hopper_jpeg, reference_pipeline):
     response = client.post("/v1/detect/batch", content_type="multipart/form-data", data={"images": [
-        (io.BytesIO(wide_jpeg), "a.jpg", "image/jpeg"),
+        (io.BytesIO(hopper_jpeg), "a.jpg", "image/jpeg"),
         (io.BytesIO(b"not an image"), "b.bin", "application/octet-stream"),
         (io.BytesIO(b""), "c.png", "image/png"),
         (io.BytesIO(encode(np.zeros((40, 30, 3), np.uint8))), "d.png", "image/png"),
@@ -77,47 +147,52 @@ def test_batch_keeps_order_and_isolates_bad_images(client, wide_jpeg):
     results = response.get_json()["results"]
     assert [r["index"] for r in results] == [0, 1, 2, 3]
     assert [r["filename"] for r in results] == ["a.jpg", "b.bin", "c.png", "d.png"]
-    assert results[0]["image"] == {"width": 2000, "height": 600}
+    hopper = decoded(hopper_jpeg)
+    assert_matches_reference(results[0], reference_pipeline.detect(hopper), hopper.shape)
     assert results[1]["error"]["code"] == "invalid_image"
     assert results[2]["error"]["code"] == "empty_body"
-    assert results[3]["image"] == {"width": 30, "height": 40}
+    assert results[3]["image"] == {"width": 30, "height": 40} and results[3]["detections"] == []
 
 
-def test_batch_fails_whole_when_triton_is_down(wide_jpeg):
-    down = FakeDetector(fail_with=TritonUnreachable("the Triton inference server is unreachable; retry later"))
-    client = create_app({"SETTINGS": Settings(retry_after_s=7), "DETECTOR": down}).test_client()
+def test_batch_fails_whole_when_triton_is_down(hopper_jpeg):
+    url = down_url()
+    client = app_client(url, retry_after_s=7)
     response = client.post("/v1/detect/batch", content_type="multipart/form-data",
-                           data={"images": [(io.BytesIO(wide_jpeg), "a.jpg")] * 2})
+                           data={"images": [(io.BytesIO(hopper_jpeg), "a.jpg")] * 2})
     assert response.status_code == 503 and response.headers["Retry-After"] == "7"
     assert response.get_json()["error"]["code"] == "triton_unreachable"
     ready = client.get("/readyz")
-    assert ready.status_code == 503 and ready.get_json()["error"]["message"] == "fake Triton is down"
+    assert ready.status_code == 503 and ready.get_json()["error"]["code"] == "triton_unreachable"
+    assert ready.get_json()["error"]["message"].startswith(f"Triton at {url} is unreachable")
 
 
-def test_unexpected_errors_carry_no_internals(wide_jpeg):
+def test_unexpected_errors_carry_no_internals(hopper_jpeg):
+    # The fake: no real Triton call raises a KeyError, and the catch-all 500 must not leak it.
     client = create_app({"SETTINGS": Settings(), "DETECTOR": FakeDetector(fail_with=KeyError("secret"))}).test_client()
-    response = client.post("/v1/detect", data=wide_jpeg, headers={"Content-Type": "image/jpeg"})
+    response = client.post("/v1/detect", data=hopper_jpeg, headers={"Content-Type": "image/jpeg"})
     assert response.status_code == 500
     assert response.get_json()["error"]["code"] == "internal_error"
     assert "secret" not in response.get_data(as_text=True) and "Traceback" not in response.get_data(as_text=True)
 
 
-def test_unknown_routes_and_methods_are_json(client):
+def test_unknown_routes_and_methods_are_json():
+    client = app_client(down_url())  # answered before any Triton call
     for response, status in ((client.get("/nope"), 404), (client.get("/v1/detect"), 405)):
         assert response.status_code == status
         assert set(response.get_json()) == {"error", "request_id"}
         assert response.headers["X-Request-ID"]
 
 
-def test_too_many_batch_images_is_422(wide_jpeg):
-    client = create_app({"SETTINGS": Settings(max_batch_images=2), "DETECTOR": FakeDetector()}).test_client()
+def test_too_many_batch_images_is_422(hopper_jpeg):
+    client = app_client(down_url(), max_batch_images=2)  # refused before any Triton call (else 503)
     response = client.post("/v1/detect/batch", content_type="multipart/form-data",
-                           data={"images": [(io.BytesIO(wide_jpeg), f"{i}.jpg") for i in range(3)]})
+                           data={"images": [(io.BytesIO(hopper_jpeg), f"{i}.jpg") for i in range(3)]})
     assert response.status_code == 422 and response.get_json()["error"]["code"] == "too_many_images"
 
 
-def test_metrics_count_requests_by_endpoint_and_status(client, wide_jpeg):
-    client.post("/v1/detect", data=wide_jpeg, headers={"Content-Type": "image/jpeg"})
+@live
+def test_metrics_count_requests_by_endpoint_and_status(client, hopper_jpeg):
+    assert client.post("/v1/detect", data=hopper_jpeg, headers={"Content-Type": "image/jpeg"}).status_code == 200
     client.post("/v1/detect", data=b"", headers={"Content-Type": "image/jpeg"})
     text = client.get("/metrics").get_data(as_text=True)
     assert 'flask_http_request_duration_seconds_count{endpoint="api.detect",method="POST",status="200"} 1.0' in text

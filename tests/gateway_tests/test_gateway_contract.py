@@ -6,25 +6,13 @@ from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import validate as validate_spec
 
 from gateway.openapi import openapi_document
-from gateway_helpers import encode, jpeg_with_orientation, json_shape, matched_iou
+from gateway_helpers import assert_matches_reference, encode, jpeg_with_orientation, json_shape, matched_iou
 
 pytestmark = pytest.mark.triton
-
-MIN_IOU = 0.99
-
 
 def post_image(http, url, data, content_type="image/jpeg", **kwargs):
     return http.post(url + "/v1/detect", data=data, headers={"Content-Type": content_type, **kwargs.pop(
         "headers", {})}, timeout=60, **kwargs)
-
-
-def assert_matches_reference(body, expected, image_shape):
-    assert body["image"] == {"width": image_shape[1], "height": image_shape[0]}
-    boxes = [d["box"] for d in body["detections"]]
-    assert [d["label"] for d in body["detections"]] == list(expected.labels)
-    assert matched_iou(boxes, expected.boxes).min(initial=1.0) >= MIN_IOU
-    np.testing.assert_allclose([d["score"] for d in body["detections"]], expected.scores, atol=2e-3)
-    np.testing.assert_allclose([d["label_score"] for d in body["detections"]], expected.label_scores, atol=2e-3)
 
 
 @pytest.fixture(scope="module")

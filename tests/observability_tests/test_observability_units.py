@@ -1,16 +1,17 @@
-"""The observability building blocks without servers: Triton-metrics merge, cross-process exemplars, sampler
-and settings, and the Flask app's metrics, errors and access-log records (Triton replaced by a fake)."""
+"""The observability building blocks: Triton-metrics merge, cross-process exemplars, sampler and settings, and the
+in-process Flask app's metrics, errors and access-log records on the session's real tritonserver."""
 from __future__ import annotations
 
 import json
 import multiprocessing
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections import Counter
 
+import cv2
 import numpy as np
 import pytest
+import requests
 from opentelemetry.sdk.trace import sampling
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
@@ -20,6 +21,7 @@ from gateway.exemplars import ExemplarStore, bucket_bound
 from gateway.metrics import STAGE_BUCKETS
 from gateway.settings import Settings, env_name
 from gateway.tracing import build_sampler
+from gateway.triton_client import close_worker_detectors
 from gateway_helpers import FakeDetector, encode
 
 # As tritonserver 2.51 writes it (abridged): counters without _total, a summary whose _count/_sum precede
@@ -144,36 +146,32 @@ def test_sampler_choice():
 
 
 # --------------------------------------------------------------------------- the app's /metrics
+@pytest.fixture(scope="module", autouse=True)
+def _close_real_clients():
+    """The app's per-process Triton clients are closed after the module, so their shared memory is given back."""
+    yield
+    close_worker_detectors()
+
+
 @pytest.fixture(scope="module")
-def fake_triton_metrics():
-    """Triton's metrics port, serving TRITON_TEXT."""
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            body = TRITON_TEXT.encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/metrics"
-    server.shutdown()
-    server.server_close()
+def hopper(real_images, reference_pipeline):
+    """grace_hopper as a JPEG upload, its decoded pixels and the reference's labels for them."""
+    jpeg = encode(real_images["grace_hopper"], ".jpg")
+    pixels = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    return jpeg, pixels, Counter(reference_pipeline.detect(pixels).labels)
 
 
-def _app(triton_metrics_url, detector=None, **settings):
-    return create_app({"SETTINGS": Settings(triton_metrics_url=triton_metrics_url, access_log="off", **settings),
-                       "DETECTOR": detector or FakeDetector(label="no_mask", label_score=0.97)})
+def _app(observed_stack, **settings):
+    """The app in process on the session's real Triton (its gRPC and metrics ports); no access log unless asked."""
+    triton = observed_stack.triton
+    values = {"triton_url": triton.grpc_url, "triton_metrics_url": triton.metrics_url, "access_log": "off"}
+    return create_app({"SETTINGS": Settings(**{**values, **settings})})
 
 
-def test_app_metrics_merge_triton_and_count_requests_errors_and_images(fake_triton_metrics):
-    client = _app(fake_triton_metrics, traces_sampler="always_on").test_client()
-    jpeg = encode(np.full((300, 400, 3), 90, np.uint8), ".jpg")
+@pytest.mark.triton
+def test_app_metrics_merge_triton_and_count_requests_errors_and_images(observed_stack, hopper):
+    jpeg, pixels, labelled = hopper
+    client = _app(observed_stack, traces_sampler="always_on").test_client()
     assert client.post("/v1/detect", data=jpeg, headers={"Content-Type": "image/jpeg"}).status_code == 200
     assert client.post("/v1/detect", data=b"xx", headers={"Content-Type": "image/jpeg"}).status_code == 400
     text = client.get("/metrics").get_data(as_text=True)
@@ -184,18 +182,25 @@ def test_app_metrics_merge_triton_and_count_requests_errors_and_images(fake_trit
                     (("endpoint", "api.detect"), ("method", "POST"), ("status", "400")))] == 1
     assert samples[("gateway_errors_total", (("code", "invalid_image"), ("kind", "client")))] == 1
     assert samples[("gateway_errors_total", (("code", "triton_unreachable"), ("kind", "upstream")))] == 0
-    assert samples[("gateway_detections_total", (("label", "no_mask"),))] == 1
-    assert samples[("gateway_detections_total", (("label", "mask"),))] == 0
-    assert samples[("gateway_image_pixels_sum", ())] == 400 * 300
+    assert sum(labelled.values()) >= 1
+    assert samples[("gateway_detections_total", (("label", "no_mask"),))] == labelled["no_mask"]
+    assert samples[("gateway_detections_total", (("label", "mask"),))] == labelled["mask"]
+    assert samples[("gateway_image_pixels_sum", ())] == pixels.shape[0] * pixels.shape[1]
     assert samples[("gateway_faces_per_image_count", ())] == 1
+    assert samples[("gateway_faces_per_image_sum", ())] == sum(labelled.values())
     assert {stage for (name, labels) in samples if name == "gateway_stage_duration_seconds_count"
             for key, stage in labels} == {"decode", "triton", "encode", "total"}
     assert samples[("gateway_stage_duration_seconds_count", (("stage", "total"),))] == 2  # the 400 too
     assert samples[("gateway_triton_metrics_up", ())] == 1
-    assert 'nv_inference_count{model="mask_detection",version="1"} 3\n' in text  # as Triton wrote it
+    counted = next(line for line in requests.get(observed_stack.triton.metrics_url, timeout=10).text.splitlines()
+                   if line.startswith('nv_inference_count{model="mask_detection"'))
+    assert counted + "\n" in text  # as Triton wrote it
+    helps = [line.split()[2] for line in text.splitlines() if line.startswith("# HELP ")]
+    assert len(helps) == len(set(helps))  # each family once, Triton's beside the gateway's
     assert samples[("gateway_inflight_requests", ())] == 0
     openmetrics = client.get("/metrics", headers={"Accept": "application/openmetrics-text;version=1.0.0"})
     parsed = {f.name: f for f in parse_openmetrics(openmetrics.get_data(as_text=True))}
+    assert "nv_inference_count" in parsed
     with_exemplar = [s for s in parsed["gateway_stage_duration_seconds"].samples if s.exemplar]
     assert {s.labels["stage"] for s in with_exemplar} == {"decode", "triton", "encode", "total"}
     assert len({s.exemplar.labels["trace_id"] for s in with_exemplar}) == 2  # both requests were sampled
@@ -203,7 +208,9 @@ def test_app_metrics_merge_triton_and_count_requests_errors_and_images(fake_trit
 
 
 def test_unhandled_exceptions_are_counted_and_answered_as_internal_error():
-    client = _app("off", FakeDetector(fail_with=KeyError("secret"))).test_client()
+    # The fake: no real Triton call raises a KeyError, which the catch-all must answer and count.
+    client = create_app({"SETTINGS": Settings(triton_metrics_url="off", access_log="off"),
+                         "DETECTOR": FakeDetector(fail_with=KeyError("secret"))}).test_client()
     response = client.post("/v1/detect", data=encode(np.full((50, 50, 3), 9, np.uint8), ".jpg"),
                            headers={"Content-Type": "image/jpeg"})
     assert response.status_code == 500 and response.get_json()["error"]["code"] == "internal_error"
@@ -213,26 +220,30 @@ def test_unhandled_exceptions_are_counted_and_answered_as_internal_error():
     assert "gateway_triton_metrics_up" not in text  # the merge is off
 
 
-def test_no_exemplar_without_a_sampled_trace(fake_triton_metrics):
-    client = _app(fake_triton_metrics).test_client()  # no exporter, no caller context: nothing sampled
-    client.post("/v1/detect", data=encode(np.full((50, 50, 3), 9, np.uint8), ".jpg"),
-                headers={"Content-Type": "image/jpeg"})
+@pytest.mark.triton
+def test_no_exemplar_without_a_sampled_trace(observed_stack, hopper):
+    client = _app(observed_stack).test_client()  # no exporter, no caller context: nothing sampled
+    response = client.post("/v1/detect", data=hopper[0], headers={"Content-Type": "image/jpeg"})
+    assert response.status_code == 200
     text = client.get("/metrics", headers={"Accept": "application/openmetrics-text"}).get_data(as_text=True)
-    assert "trace_id" not in text
+    assert "gateway_stage_duration_seconds_bucket" in text and "trace_id" not in text
 
 
-def test_access_record_has_the_keys_log_analysis_reads(tmp_path):
+@pytest.mark.triton
+def test_access_record_has_the_keys_log_analysis_reads(observed_stack, real_images, reference_pipeline, tmp_path):
     log = tmp_path / "access.log"
-    client = create_app({"SETTINGS": Settings(triton_metrics_url="off", access_log=str(log)),
-                         "DETECTOR": FakeDetector(label="no_mask", label_score=0.97)}).test_client()
-    client.post("/v1/detect", data=encode(np.full((60, 80, 3), 9, np.uint8), ".png"),
+    client = _app(observed_stack, triton_metrics_url="off", access_log=str(log)).test_client()
+    image = real_images["grace_hopper"]
+    client.post("/v1/detect", data=encode(image, ".png"),
                 headers={"Content-Type": "image/png", "X-Request-ID": "req-1",
                          "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"})
     client.get("/healthz")  # probes are not logged
     client.post("/v1/detect", data=b"", headers={"Content-Type": "image/png"})
     first, second = (json.loads(line) for line in log.read_text().splitlines())
     assert first["request_id"] == "req-1" and first["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    faces = len(reference_pipeline.detect(image))
+    assert faces >= 1
     assert (first["route"], first["method"], first["status"], first["image_width"], first["image_height"],
-            first["faces"], first["error_code"]) == ("/v1/detect", "POST", 200, 80, 60, 1, None)
+            first["faces"], first["error_code"]) == ("/v1/detect", "POST", 200, 512, 600, faces, None)
     assert first["ts"].endswith("Z") and first["duration_ms"] > 0
     assert second["status"] == 400 and second["error_code"] == "empty_body" and second["trace_id"] is None

@@ -122,7 +122,8 @@ def test_gateway_spans_decode_triton_client_and_encode(one_request, observed_sta
     host, port = observed_stack.triton.grpc_url.rsplit(":", 1)
     assert client.attributes == {
         "rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService", "rpc.method": "ModelInfer",
-        "server.address": host, "server.port": int(port), "triton.model.name": ENSEMBLE, "rpc.grpc.status_code": 0}
+        "server.address": host, "server.port": int(port), "triton.model.name": ENSEMBLE, "rpc.grpc.status_code": 0,
+        "triton.input.transport": "system_shared_memory"}  # gateway and Triton share this host's /dev/shm
 
 
 def test_triton_spans_hang_under_the_gateway_client_span(one_request):
