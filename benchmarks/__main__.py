@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from benchmarks import bench_gateway, bench_reference, bench_triton, report
-from benchmarks.common import results_dir, uptime_line, write_json
+from benchmarks.common import cpu_times, results_dir, steal_during, uptime_line, write_json
 from benchmarks.model_inputs import ENSEMBLE, MODELS
 from ensemble.perf_analyzer import PerfAnalyzerError
 from ensemble.reference import DEFAULT_REPOSITORY
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace, *, server=None, out: Callable[[str], None] = p
                + (0 if args.skip_gateway else args.gateway_budget_s * len(args.gateway_shared_memory)))
     phases = 2 + (2 if servers else 0) + (0 if args.skip_triton or not args.component_concurrency else 1)
     progress = Progress(planned, phases=phases, out=out)
-    uptime_start = uptime_line()
+    uptime_start, cpu_start = uptime_line(), cpu_times()
     progress.log(f"results: {output_dir}")
     progress.log(f"uptime: {uptime_start}")
 
@@ -228,7 +228,7 @@ def run(args: argparse.Namespace, *, server=None, out: Callable[[str], None] = p
     progress.begin("report")
     summary = report.summarize(
         references, triton, gateways, uptime_start=uptime_start, uptime_end=uptime_line(),
-        elapsed_s=round(progress.elapsed_s, 1),
+        elapsed_s=round(progress.elapsed_s, 1), cpu_steal=steal_during(cpu_start, cpu_times()),
         settings={"reference_duration_s": args.reference_duration,
                   "reference_variants": [name for name, _ in variants], "concurrency": args.concurrency,
                   "component_concurrency": args.component_concurrency, "models": models,

@@ -81,6 +81,25 @@ def uptime_line() -> str:
         return f"load average: {', '.join(map(str, load))}" if load else "unknown"
 
 
+def cpu_times() -> dict[str, float] | None:
+    """The machine's CPU seconds so far by kind (/proc/stat), for the share a hypervisor stole during a run."""
+    try:
+        first = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        return None
+    ticks = [int(value) for value in first[1:9]]  # user nice system idle iowait irq softirq steal
+    clock = os.sysconf("SC_CLK_TCK")
+    return {"total": sum(ticks) / clock, "idle": (ticks[3] + ticks[4]) / clock, "steal": ticks[7] / clock}
+
+
+def steal_during(start: dict | None, end: dict | None) -> dict | None:
+    """CPU time the hypervisor gave other guests between two `cpu_times()`: a reason figures vary run to run."""
+    if not start or not end or end["total"] <= start["total"]:
+        return None
+    steal = end["steal"] - start["steal"]
+    return {"seconds": round(steal, 2), "share": round(steal / (end["total"] - start["total"]), 4)}
+
+
 def git_revision() -> str | None:
     try:
         result = subprocess.run(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],

@@ -197,7 +197,7 @@ def ratios(layers: dict) -> dict:
 def summarize(reference: dict | Sequence[dict], triton: dict | None = None,
               gateway: dict | Sequence[dict] | None = None, *,
               uptime_start: str | None = None, uptime_end: str | None = None, elapsed_s: float | None = None,
-              settings: dict | None = None, created: str | None = None) -> dict:
+              settings: dict | None = None, created: str | None = None, cpu_steal: dict | None = None) -> dict:
     """`gateway`: the gateway document, or several (the default transport first, then the alternative)."""
     references = [reference] if isinstance(reference, dict) else list(reference)
     reference = references[0]
@@ -219,6 +219,7 @@ def summarize(reference: dict | Sequence[dict], triton: dict | None = None,
         "uptime_start": uptime_start or reference["machine"].get("uptime"),
         "uptime_end": uptime_end or uptime_line(),
         "elapsed_s": elapsed_s,
+        "cpu_steal": cpu_steal,  # CPU time the hypervisor gave to other guests during the run
         "image_set": {key: reference["image_set"][key] for key in ("count", "mean_megapixels", "sha256")},
         "gateway_bodies": (gateway or {}).get("bodies"),
         "versions": {
@@ -318,6 +319,9 @@ def markdown(summary: dict, plots: Sequence[str] = ()) -> str:
            ""]
     if summary.get("elapsed_s") is not None:
         out[-1:] = [f"- run time: {summary['elapsed_s']:.0f} s", ""]
+    if summary.get("cpu_steal"):
+        out[-1:] = [f"- CPU time stolen by the hypervisor during the run: {summary['cpu_steal']['seconds']} s "
+                    f"({summary['cpu_steal']['share']:.1%} of the machine's CPU time)", ""]
     out += ["## Ratios against the targets", "", "| ratio | value | target | met | detail |", "|---|---|---|---|---|"]
     for line_key in ("triton_vs_in_process", "gateway_vs_triton", "gateway_added_p50_ms_c1", "errors"):
         ratio = summary["ratios"].get(line_key)
@@ -478,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kept = json.loads(previous.read_text()) if previous.is_file() else {}
     summary = summarize(reference, triton, gateway, uptime_start=kept.get("uptime_start"),
                         uptime_end=kept.get("uptime_end"), elapsed_s=kept.get("elapsed_s"),
-                        settings=kept.get("settings"), created=kept.get("created"))
+                        settings=kept.get("settings"), created=kept.get("created"), cpu_steal=kept.get("cpu_steal"))
     write_report(summary, args.results_dir)
     print(console_table(summary))
     return 0

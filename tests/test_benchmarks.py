@@ -178,6 +178,16 @@ def test_both_gateway_transports_are_compared_and_the_default_carries_the_ratios
     assert report.summarize([_reference_doc(20.0, 50.0)], triton, shared)["transport_comparison"] is None
 
 
+def test_stolen_cpu_time_is_the_share_of_the_machine_s_time_during_the_run():
+    from benchmarks.common import cpu_times, steal_during
+
+    assert steal_during({"total": 100.0, "idle": 50.0, "steal": 1.0}, {"total": 300.0, "idle": 90.0, "steal": 5.0}) \
+        == {"seconds": 4.0, "share": 0.02}
+    assert steal_during(None, {"total": 1.0, "idle": 0.0, "steal": 0.0}) is None
+    now = cpu_times()  # the real /proc/stat: counters that only grow
+    assert now["total"] >= now["idle"] >= 0 and now["steal"] >= 0
+
+
 def test_report_writes_json_markdown_and_plots(tmp_path):
     summary = report.summarize([_reference_doc(20.0, 50.0)], _triton_doc({1: (15.0, 62.0), 2: (24.0, 80.0)}),
                                _gateway_doc({1: (14.0, 66.0), 2: (22.5, 88.0)}))
@@ -231,6 +241,7 @@ def test_three_layer_run_writes_summary_markdown_and_plots(tmp_path, triton, mod
     machine = summary["machine"]
     assert machine["usable_cores"] >= 1 and machine["cpu_model"] and "gpus" in machine
     assert "load average" in summary["uptime_start"] and summary["versions"]["wrk"]
+    assert summary["cpu_steal"]["seconds"] >= 0 and 0 <= summary["cpu_steal"]["share"] <= 1
     assert summary["versions"]["tritonserver"] == "2.51.0"
 
     gateway = json.loads((tmp_path / "gateway.json").read_text())
