@@ -13,16 +13,18 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Iterator
 
+import cv2
 import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 from flask import Flask
-from gateway_helpers import INHERITED_OBSERVABILITY_VARIABLES, REPO_ROOT, Gunicorn, free_port
+from gateway_helpers import INHERITED_OBSERVABILITY_VARIABLES, REPO_ROOT, Gunicorn, encode, free_port
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -319,3 +321,49 @@ def test_a_killed_workers_regions_are_freed_and_unregistered(gateway_stack, hopp
     for pid in worker_pids:  # a graceful stop (worker_exit) leaves nothing behind
         assert region_files(worker_prefix(pid)) == []
         assert registered(triton_url, worker_prefix(pid)) == {}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# concurrency: a region is leased to one request at a time
+def mixed_frames(real_images) -> list[np.ndarray]:
+    """Four different frames of three sizes: a region reused too early would hand one request another's pixels."""
+    hopper, astronaut = real_images["grace_hopper"], real_images["astronaut"]
+    return [hopper, astronaut, np.ascontiguousarray(hopper[:, ::-1]),
+            cv2.resize(astronaut, None, fx=1.5, fy=1.5, interpolation=cv2.INTER_CUBIC)]
+
+
+@live
+def test_concurrent_requests_each_get_their_own_pixels_back(triton_url, inline_detector, real_images):
+    frames = mixed_frames(real_images)
+    expected = [inline_detector.detect(frame) for frame in frames]
+    detector = TritonDetector(Settings(triton_url=triton_url))
+    try:
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            answers = list(pool.map(lambda index: (index % 4, detector.detect(frames[index % 4])), range(48)))
+        for index, got in answers:
+            assert_same_detections(got, expected[index])
+        regions = registered(triton_url, detector._regions.prefix)
+        assert 1 < len(regions) <= 12  # requests overlapped, and no more regions than requests in flight
+    finally:
+        detector.close()
+
+
+@live
+def test_concurrent_batches_through_gunicorn_keep_every_image_its_own_answer(gateway_stack, inline_detector,
+                                                                             real_images):
+    """Two workers x four threads x a batch pool of four, all leasing regions at once; every answer in place."""
+    frames = mixed_frames(real_images)
+    expected = [inline_detector.detect(frame) for frame in frames]
+    files = [("images", (f"{index}.png", encode(frame, ".png"), "image/png")) for index, frame in enumerate(frames)]
+
+    def batch(_):
+        return requests.post(gateway_stack.url + "/v1/detect/batch", files=files, timeout=120)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(batch, range(8)))
+    for response in responses:
+        assert response.status_code == 200, response.text
+        for result, want in zip(response.json()["results"], expected, strict=True):
+            assert [d["label"] for d in result["detections"]] == want.labels
+            np.testing.assert_allclose([d["box"] for d in result["detections"]], want.boxes.reshape(-1, 4),
+                                       rtol=0, atol=0.02)
