@@ -30,6 +30,7 @@ class ImageResult:
     labels: list[str]
     label_scores: np.ndarray
     model_version: str
+    transport: str  # how the pixels reached Triton
     decode_ms: float
     inference_ms: float
 
@@ -73,5 +74,5 @@ def detect_in_image(data: bytes, params: DetectParams, settings: Settings, detec
     return ImageResult(
         pixels=pixels, boxes=boxes_to_original(found.boxes, scaled, width, height), scores=found.scores,
         labels=found.labels, label_scores=found.label_scores, model_version=found.model_version,
-        decode_ms=decode_ms, inference_ms=inference_ms,
+        transport=found.transport, decode_ms=decode_ms, inference_ms=inference_ms,
     )

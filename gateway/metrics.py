@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from gateway.errors import HTTP_STATUS, ApiError, error_kind
 from gateway.exemplars import ExemplarStore
+from gateway.triton_client import INLINE_TRANSPORT, SHARED_MEMORY_TRANSPORT
 
 STAGES = ("decode", "triton", "encode", "total")
 # Scrapes and probes are neither measured, counted as in flight, logged nor traced: they would only measure
@@ -21,6 +22,7 @@ OPERATIONAL_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
 # so ratios such as the mask share read 0, not "no data", before the first face of a kind.
 DETECTION_LABELS = ("mask", "no_mask")
 ERROR_KINDS = ("client", "upstream", "internal")
+TRITON_TRANSPORTS = (SHARED_MEMORY_TRANSPORT, INLINE_TRANSPORT)  # how the pixels of a Triton call travelled
 
 # Seconds: a decode takes about a millisecond, a Triton round trip tens to hundreds, the SLO is 500 ms.
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5,
@@ -53,6 +55,11 @@ class ServiceMetrics:
                                       buckets=PIXEL_BUCKETS, registry=registry)
         self.errors = Counter("gateway_errors", "Error answers by code (a failed image of a batch included)",
                               ["code", "kind"], registry=registry)
+        self.triton_requests = Counter(
+            "gateway_triton_requests", "Successful Triton calls by how the pixels travelled: system_shared_memory "
+            "(GATEWAY_TRITON_SHARED_MEMORY=system) or grpc (inside the request)", ["transport"], registry=registry)
+        for transport in TRITON_TRANSPORTS:
+            self.triton_requests.labels(transport=transport)
         for label in DETECTION_LABELS:
             self.detections.labels(label=label)
         for error_class, status in HTTP_STATUS.items():
@@ -65,8 +72,10 @@ class ServiceMetrics:
         if trace_id:
             self.exemplars.record("gateway_stage_duration_seconds", {"stage": stage}, STAGE_BUCKETS, seconds, trace_id)
 
-    def observe_image(self, width: int, height: int, labels: Sequence[str], confidences: Sequence[float]) -> None:
-        """What one successfully processed image contained."""
+    def observe_image(self, width: int, height: int, labels: Sequence[str], confidences: Sequence[float],
+                      transport: str) -> None:
+        """What one successfully processed image contained, and how its pixels reached Triton."""
+        self.triton_requests.labels(transport=transport).inc()
         self.image_pixels.observe(width * height)
         self.faces_per_image.observe(len(labels))
         for label, confidence in zip(labels, confidences):

@@ -28,6 +28,7 @@ MODEL_MISSING_HINTS = ("unknown model", "no available versions", "is not ready",
 INPUT_NAME = "IMAGE"
 # The CLIENT span's attribute saying how the pixels travelled: "system_shared_memory" or "grpc" (inline).
 TRANSPORT_ATTRIBUTE = "triton.input.transport"
+SHARED_MEMORY_TRANSPORT, INLINE_TRANSPORT = "system_shared_memory", "grpc"  # also gateway_triton_requests' label
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class ModelDetections:
     labels: list[str]  # "mask" | "no_mask"
     label_scores: np.ndarray  # [N] float32 probability of the label
     model_version: str
+    transport: str  # how the pixels travelled: "system_shared_memory" or "grpc"
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ class TritonDetector:
         image = np.ascontiguousarray(image_bgr[np.newaxis])
         with triton_call_span(self.settings) as span:  # current during the call: Triton's spans hang under it
             try:
-                result = self._send(image, parameters or None, span)
+                result, transport = self._send(image, parameters or None, span)
             except InferenceServerException as error:
                 set_rpc_status(span, _status_name(error))
                 log.warning("triton infer failed: status=%s detail=%s", error.status(), error.message())
@@ -115,33 +117,36 @@ class TritonDetector:
             scores=result.as_numpy("SCORES").reshape(-1)[:count],
             labels=[label.decode() if isinstance(label, bytes) else str(label) for label in labels],
             label_scores=result.as_numpy("LABEL_SCORES").reshape(-1)[:count],
-            model_version=result.get_response().model_version,
+            model_version=result.get_response().model_version, transport=transport,
         )
 
-    def _send(self, image: np.ndarray, parameters: dict | None, span) -> grpcclient.InferResult:
-        """The pixels through a shared-memory region when one can carry them, else inside the request."""
+    def _send(self, image: np.ndarray, parameters: dict | None, span) -> tuple[grpcclient.InferResult, str]:
+        """The pixels through a shared-memory region when one can carry them, else inside the request.
+
+        Returns Triton's result and the transport used (the CLIENT span's TRANSPORT_ATTRIBUTE).
+        """
         if self._regions is not None and self._regions.fits(image):
             try:
                 with self._regions.lease() as region:
                     if region is not None:
-                        span.set_attribute(TRANSPORT_ATTRIBUTE, "system_shared_memory")
+                        span.set_attribute(TRANSPORT_ATTRIBUTE, SHARED_MEMORY_TRANSPORT)
                         region.write(image)
                         request_input = grpcclient.InferInput(INPUT_NAME, list(image.shape), "UINT8")
                         request_input.set_shared_memory(region.name, image.nbytes)
                         try:
-                            return self._infer(request_input, parameters)
+                            return self._infer(request_input, parameters), SHARED_MEMORY_TRANSPORT
                         except InferenceServerException as error:
                             if not is_unknown_region(error):
                                 raise
                             self._regions.register_again()  # Triton restarted and forgot this worker's regions
-                            return self._infer(request_input, parameters)
+                            return self._infer(request_input, parameters), SHARED_MEMORY_TRANSPORT
             except SharedMemoryUnavailable as reason:
                 log.warning("Triton at %s cannot map this host's shared memory (%s); this worker sends images "
                             "inside the gRPC request from now on", self.settings.triton_url, reason)
-        span.set_attribute(TRANSPORT_ATTRIBUTE, "grpc")
+        span.set_attribute(TRANSPORT_ATTRIBUTE, INLINE_TRANSPORT)
         request_input = grpcclient.InferInput(INPUT_NAME, list(image.shape), "UINT8")
         request_input.set_data_from_numpy(image)
-        return self._infer(request_input, parameters)
+        return self._infer(request_input, parameters), INLINE_TRANSPORT
 
     def _infer(self, request_input: grpcclient.InferInput, parameters: dict | None) -> grpcclient.InferResult:
         return self._client.infer(

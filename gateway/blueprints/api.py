@@ -86,7 +86,7 @@ def _record(result: ImageResult) -> None:
     metrics, (trace_id, _) = service_metrics(), current_trace_ids()
     metrics.observe_stage("decode", result.decode_ms / 1000.0, trace_id)
     metrics.observe_stage("triton", result.inference_ms / 1000.0, trace_id)
-    metrics.observe_image(result.width, result.height, result.labels, result.label_scores)
+    metrics.observe_image(result.width, result.height, result.labels, result.label_scores, result.transport)
     g.faces = g.get("faces", 0) + len(result.labels)
 
 

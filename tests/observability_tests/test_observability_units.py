@@ -185,6 +185,9 @@ def test_app_metrics_merge_triton_and_count_requests_errors_and_images(observed_
     assert sum(labelled.values()) >= 1
     assert samples[("gateway_detections_total", (("label", "no_mask"),))] == labelled["no_mask"]
     assert samples[("gateway_detections_total", (("label", "mask"),))] == labelled["mask"]
+    # this app and the session's Triton share /dev/shm: the one image went through shared memory
+    assert samples[("gateway_triton_requests_total", (("transport", "system_shared_memory"),))] == 1
+    assert samples[("gateway_triton_requests_total", (("transport", "grpc"),))] == 0
     assert samples[("gateway_image_pixels_sum", ())] == pixels.shape[0] * pixels.shape[1]
     assert samples[("gateway_faces_per_image_count", ())] == 1
     assert samples[("gateway_faces_per_image_sum", ())] == sum(labelled.values())
