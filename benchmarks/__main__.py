@@ -7,9 +7,10 @@
      once per way the pixels can reach Triton: system shared memory and inside the gRPC request.
 
 One tritonserver serves layers 2 and 3, and their levels are measured alternately (Triton c=1, gateway
-c=1 [shm], gateway c=1 [inline], gateway c=2 [inline], ...) so other load on the machine affects all alike. Every phase has a
-time budget: the defaults take about 4-5 minutes on a 2-core machine, the planned bound (printed on
-every progress line) is 6 minutes, and a level already running can overrun it by its own length only.
+c=1 [shm], gateway c=1 [inline], gateway c=2 [inline], ...) so other load on the machine affects all
+alike. Every phase has a time budget: the defaults take about 5 minutes on a 2-core machine, the planned
+bound (printed on every progress line) is 7:40, and a level already running can overrun it by its own
+length only.
 
     python -m benchmarks                                 # everything, default budgets
     python -m benchmarks --quick                         # ~1.5 minutes: fewer levels, shorter windows

@@ -284,7 +284,8 @@ def transport_line(summary: dict) -> list[str]:
         return []
     parts = []
     for transport, entry in comparison["transports"].items():
-        parts.append(f"{TRANSPORTS.get(transport, transport)}{' (default)' if transport == comparison['default'] else ''}: "
+        default = " (default)" if transport == comparison["default"] else ""
+        parts.append(f"{TRANSPORTS.get(transport, transport)}{default}: "
                      f"best {entry['best_throughput']:.1f}/s at c={entry['best_concurrency']}, c=1 p50 "
                      f"{_fmt(entry['p50_ms_c1'])} ms, paired added p50 {_fmt(entry['paired_added_p50_ms_c1'])} ms, "
                      f"gateway CPU {_fmt(entry['gateway_cpu_ms_per_request'])} ms/request")

@@ -7,7 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
-from gateway.imaging import boxes_to_original, decode_image, fit_within
+from gateway.imaging import boxes_to_original, decode_for_inference, fit_within
 from gateway.params import DetectParams
 from gateway.settings import Settings
 from gateway.tracing import stage_span
@@ -24,7 +24,9 @@ class Detector(Protocol):
 class ImageResult:
     """One image's faces in its displayed pixel coordinates, plus what it cost."""
 
-    pixels: np.ndarray  # decoded BGR image, kept for annotation
+    pixels: np.ndarray | None  # the decoded BGR image at full size when asked to keep it (annotation)
+    width: int  # of the image as displayed
+    height: int
     boxes: np.ndarray  # [N, 4] float64 x1 y1 x2 y2
     scores: np.ndarray
     labels: list[str]
@@ -33,14 +35,6 @@ class ImageResult:
     transport: str  # how the pixels reached Triton
     decode_ms: float
     inference_ms: float
-
-    @property
-    def width(self) -> int:
-        return int(self.pixels.shape[1])
-
-    @property
-    def height(self) -> int:
-        return int(self.pixels.shape[0])
 
     def detections_json(self) -> list[dict]:
         """The `detections` array of the API, boxes rounded to 0.01 px."""
@@ -55,13 +49,18 @@ def _elapsed_ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
 
 
-def detect_in_image(data: bytes, params: DetectParams, settings: Settings, detector: Detector) -> ImageResult:
-    """Run the whole pipeline on one encoded image; raises typed gateway errors for bad input or Triton trouble."""
+def detect_in_image(data: bytes, params: DetectParams, settings: Settings, detector: Detector, *,
+                    keep_pixels: bool = False) -> ImageResult:
+    """Run the whole pipeline on one encoded image; raises typed gateway errors for bad input or Triton trouble.
+
+    `keep_pixels`: decode at full size and keep the pixels (to draw on them); otherwise a large JPEG is
+    decoded straight to a reduced scale, since only its downscaled copy goes to Triton.
+    """
     start = time.perf_counter()
     with stage_span("decode", **{"image.bytes": len(data)}) as span:  # sizes only, never the bytes
-        pixels = decode_image(data, settings.max_pixels)
-        scaled = fit_within(pixels, settings.max_side)
-        span.set_attributes({"image.width": int(pixels.shape[1]), "image.height": int(pixels.shape[0]),
+        decoded = decode_for_inference(data, settings.max_pixels, 0 if keep_pixels else settings.max_side)
+        scaled = fit_within(decoded.pixels, settings.max_side, (decoded.width, decoded.height))
+        span.set_attributes({"image.width": decoded.width, "image.height": decoded.height,
                              "image.sent_width": int(scaled.pixels.shape[1]),
                              "image.sent_height": int(scaled.pixels.shape[0])})
     decode_ms = _elapsed_ms(start)
@@ -70,9 +69,9 @@ def detect_in_image(data: bytes, params: DetectParams, settings: Settings, detec
     found = detector.detect(scaled.pixels, params.triton_parameters())  # the Triton CLIENT span is made inside
     inference_ms = _elapsed_ms(start)
 
-    height, width = pixels.shape[:2]
     return ImageResult(
-        pixels=pixels, boxes=boxes_to_original(found.boxes, scaled, width, height), scores=found.scores,
+        pixels=decoded.pixels if keep_pixels else None, width=decoded.width, height=decoded.height,
+        boxes=boxes_to_original(found.boxes, scaled, decoded.width, decoded.height), scores=found.scores,
         labels=found.labels, label_scores=found.label_scores, model_version=found.model_version,
         transport=found.transport, decode_ms=decode_ms, inference_ms=inference_ms,
     )

@@ -50,15 +50,56 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     `cv2.IMREAD_COLOR` does all of that in one pass: it rotates by the EXIF Orientation tag, drops alpha,
     replicates gray and scales 16-bit samples down to 8 bits.
     """
-    if not data:
-        raise EmptyBody("the request carried no image bytes")
-    check_pixel_count(data, max_pixels)
+    return decode_for_inference(data, max_pixels, max_side=0).pixels
+
+
+def _decode(data: bytes, flags: int) -> np.ndarray:
     if data.startswith(JPEG_MAGIC) and _jpeg_is_truncated(data):
         raise InvalidImage("JPEG data is truncated (no end-of-image marker)")
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
     if image is None or image.size == 0:
         raise InvalidImage("image data is corrupt or truncated and could not be decoded")
     return image
+
+
+# libjpeg scales a JPEG down by 2, 4 or 8 while decoding (in the DCT), at a fraction of a full decode's cost.
+REDUCED_JPEG_READS = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
+                      (2, cv2.IMREAD_REDUCED_COLOR_2))
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """Pixels for inference (a large JPEG possibly decoded at 1/2, 1/4 or 1/8) and the displayed full size."""
+
+    pixels: np.ndarray  # BGR as displayed (EXIF orientation applied)
+    width: int  # of the image as displayed, at full resolution
+    height: int
+
+
+def jpeg_reduction(longest_side: int, max_side: int) -> int:
+    """The largest of 8, 4, 2 that keeps the longer side at least `max_side` (1: decode at full size)."""
+    if max_side <= 0:
+        return 1
+    return next((factor for factor, _ in REDUCED_JPEG_READS if longest_side // factor >= max_side), 1)
+
+
+def decode_for_inference(data: bytes, max_pixels: int, max_side: int) -> DecodedImage:
+    """Like decode_image, but a JPEG at least twice `max_side` is decoded straight to a smaller scale.
+
+    The image is downscaled to `max_side` before inference anyway; libjpeg's scaled decode gets there for
+    about half the CPU of a full decode and a resize (a 4K frame: 32 instead of 68 ms here).
+    """
+    if not data:
+        raise EmptyBody("the request carried no image bytes")
+    width, height = check_pixel_count(data, max_pixels)
+    factor = jpeg_reduction(max(width, height), max_side) if data.startswith(JPEG_MAGIC) else 1
+    flags = dict(REDUCED_JPEG_READS).get(factor, cv2.IMREAD_COLOR)
+    pixels = _decode(data, flags)
+    if factor == 1:
+        return DecodedImage(pixels, int(pixels.shape[1]), int(pixels.shape[0]))
+    # EXIF orientation may have turned the stored width x height by 90 degrees
+    turned = width != height and (pixels.shape[1] > pixels.shape[0]) != (width > height)
+    return DecodedImage(pixels, *((height, width) if turned else (width, height)))
 
 
 @dataclass(frozen=True)
@@ -74,16 +115,22 @@ class ScaledImage:
         return self.scale_x != 1.0 or self.scale_y != 1.0
 
 
-def fit_within(image: np.ndarray, max_side: int) -> ScaledImage:
-    """Downscale (never upscale) so the longer side is at most `max_side`; small images pass untouched."""
+def fit_within(image: np.ndarray, max_side: int, full_size: tuple[int, int] | None = None) -> ScaledImage:
+    """Downscale (never upscale) so the longer side is at most `max_side`; small images pass untouched.
+
+    `full_size` (width, height): the size `image` stands for when it was decoded at a reduced scale; the
+    scale factors are relative to it.
+    """
     height, width = image.shape[:2]
+    full_width, full_height = full_size or (width, height)
     longest = max(height, width)
     if max_side <= 0 or longest <= max_side:
-        return ScaledImage(image, 1.0, 1.0)
-    factor = max_side / longest
-    new_width, new_height = max(1, round(width * factor)), max(1, round(height * factor))
-    resized = cv2.resize(image, (new_width, new_height), interpolation=cv2.INTER_AREA)
-    return ScaledImage(resized, new_width / width, new_height / height)
+        sent = image
+    else:
+        factor = max_side / longest
+        new_size = (max(1, round(width * factor)), max(1, round(height * factor)))
+        sent = cv2.resize(image, new_size, interpolation=cv2.INTER_AREA)
+    return ScaledImage(sent, sent.shape[1] / full_width, sent.shape[0] / full_height)
 
 
 def boxes_to_original(boxes: np.ndarray, scaled: ScaledImage, width: int, height: int) -> np.ndarray:

@@ -115,11 +115,12 @@ def detect():
     """Faces with mask / no-mask labels in one image, as JSON or (Accept: image/jpeg) an annotated JPEG."""
     data = _single_upload()
     params = parse_detect_params(request.args)
-    result = detect_in_image(data, params, settings(), detector())
+    wants_jpeg = _wants_jpeg()
+    result = detect_in_image(data, params, settings(), detector(), keep_pixels=wants_jpeg)
     _record(result)
     g.image_width, g.image_height = result.width, result.height
     set_server_span_attributes(**{"image.width": result.width, "image.height": result.height})
-    if _wants_jpeg():
+    if wants_jpeg:
         with _encoding("jpeg") as span:
             annotated = draw_detections(result.pixels, result.boxes, result.labels, result.label_scores)
             body = encode_jpeg(annotated)

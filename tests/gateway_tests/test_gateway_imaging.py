@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from gateway.errors import EmptyBody, ImageTooLarge, InvalidImage
-from gateway.imaging import boxes_to_original, check_pixel_count, decode_image, fit_within
+from gateway.imaging import (boxes_to_original, check_pixel_count, decode_for_inference, decode_image, fit_within,
+                             jpeg_reduction)
 from gateway_helpers import encode, jpeg_with_orientation, png_bomb_header
 
 LIMIT = 40_000_000
@@ -79,6 +80,36 @@ def test_a_jpeg_carrying_a_complete_thumbnail_is_judged_by_its_own_end(real_imag
     assert decode_image(whole, LIMIT).shape == real_images["grace_hopper"].shape
     with pytest.raises(InvalidImage, match="truncated"):
         decode_image(whole[: len(whole) * 2 // 3], LIMIT)
+
+
+@pytest.mark.parametrize("longest, max_side, factor", [
+    (3840, 1280, 2), (5120, 1280, 4), (2560, 1280, 2), (2559, 1280, 1), (1920, 1280, 1), (20000, 1280, 8),
+    (3840, 0, 1),  # no downscaling configured: nothing to gain
+])
+def test_a_jpeg_is_reduced_only_as_far_as_it_stays_above_max_side(longest, max_side, factor):
+    assert jpeg_reduction(longest, max_side) == factor
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_scale_and_keeps_its_displayed_size():
+    """EXIF orientation still applies, and the reported size is the displayed full size, turned if need be."""
+    stored = left_bright(1000, 3000)  # 3000 wide: at least twice 1280, so decoded at half scale
+    upright = decode_for_inference(jpeg_with_orientation(stored, 1), LIMIT, 1280)
+    assert upright.pixels.shape == (500, 1500, 3) and (upright.width, upright.height) == (3000, 1000)
+    turned = decode_for_inference(jpeg_with_orientation(stored, 6), LIMIT, 1280)  # rotate 90 degrees to display
+    assert turned.pixels.shape == (1500, 500, 3) and (turned.width, turned.height) == (1000, 3000)
+    assert turned.pixels[:50].mean() > 200 and turned.pixels[-50:].mean() < 50  # the bright edge is on top
+    scaled = fit_within(turned.pixels, 1280, (turned.width, turned.height))
+    assert scaled.pixels.shape[:2] == (1280, 427) and scaled.scale_y == pytest.approx(1280 / 3000)
+
+
+def test_only_jpegs_are_decoded_at_reduced_scale():
+    png = decode_for_inference(encode(left_bright(1000, 3000), ".png"), LIMIT, 1280)
+    assert png.pixels.shape == (1000, 3000, 3) and (png.width, png.height) == (3000, 1000)
+    with pytest.raises(InvalidImage, match="truncated"):
+        data = encode(left_bright(1000, 3000), ".jpg")
+        decode_for_inference(data[: len(data) // 2], LIMIT, 1280)
+    with pytest.raises(EmptyBody):
+        decode_for_inference(b"", LIMIT, 1280)
 
 
 def test_small_images_are_sent_untouched():

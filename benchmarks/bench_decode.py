@@ -1,0 +1,95 @@
+"""The gateway's decode for inference on camera-sized JPEGs: a full decode + resize vs libjpeg's scaled decode.
+
+The gateway downscales every image to GATEWAY_MAX_SIDE (1280) before Triton. A JPEG at least twice that
+size is decoded straight to 1/2, 1/4 or 1/8 scale (gateway.imaging.decode_for_inference) instead of at
+full size and then resized. This measures both ways side by side, interleaved, on a real photograph
+upscaled to common camera sizes:
+
+    python -m benchmarks.bench_decode                 # 1080p, 1440p, 4K; 15 rounds
+    python -m benchmarks.bench_decode --rounds 40 --output decode.json
+
+Per size: the median milliseconds of each way (one thread, this process) and their ratio. The 1080p
+frame is below 2 x 1280, so both ways decode it at full size: its ratio shows the measurement's noise.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from benchmarks.common import machine_info, machine_line, uptime_line, write_json
+from benchmarks.image_set import benchmark_images
+from gateway.imaging import decode_for_inference, decode_image, fit_within, jpeg_reduction
+from gateway.settings import Settings
+
+SCHEMA = "facemask.bench.decode/1"
+SIZES = {"1080p": (1920, 1080), "1440p": (2560, 1440), "4K": (3840, 2160)}
+JPEG_QUALITY = 90
+
+
+def camera_frames() -> dict[str, bytes]:
+    """grace_hopper upscaled to each camera size and JPEG-encoded, as a camera would upload it."""
+    photo = benchmark_images()["grace_hopper"]
+    return {name: cv2.imencode(".jpg", cv2.resize(photo, size, interpolation=cv2.INTER_CUBIC),
+                               [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1].tobytes()
+            for name, size in SIZES.items()}
+
+
+def run(*, rounds: int = 15, log=print) -> dict:
+    settings = Settings()
+    ways = {
+        "full_decode": lambda data: fit_within(decode_image(data, settings.max_pixels), settings.max_side),
+        "scaled_decode": lambda data: fit_within(*_decoded(data, settings)),
+    }
+    document = {"schema": SCHEMA, "machine": machine_info(), "max_side": settings.max_side, "rounds": rounds,
+                "jpeg_quality": JPEG_QUALITY, "frames": {}}
+    for name, data in camera_frames().items():
+        timings = {way: [] for way in ways}
+        for way in ways.values():  # warm-up, and both ways must send the same size
+            way(data)
+        sent = {way: function(data).pixels.shape for way, function in ways.items()}
+        if len(set(sent.values())) != 1:
+            raise RuntimeError(f"{name}: the two ways send different sizes {sent}")
+        for _ in range(rounds):
+            for way, function in ways.items():
+                began = time.perf_counter()
+                function(data)
+                timings[way].append((time.perf_counter() - began) * 1e3)
+        width, height = SIZES[name]
+        medians = {way: round(float(np.median(values)), 2) for way, values in timings.items()}
+        document["frames"][name] = {"width": width, "height": height, "bytes": len(data),
+                                    "reduction": jpeg_reduction(max(width, height), settings.max_side),
+                                    "sent": list(sent["full_decode"][:2]), "median_ms": medians,
+                                    "ratio": round(medians["scaled_decode"] / medians["full_decode"], 3)}
+        log(f"{name:6s} {width}x{height} ({len(data) // 1024} KiB, 1/{document['frames'][name]['reduction']}): "
+            f"full decode {medians['full_decode']:6.1f} ms, scaled decode {medians['scaled_decode']:6.1f} ms, "
+            f"ratio {document['frames'][name]['ratio']}")
+    document["uptime_end"] = uptime_line()
+    return document
+
+
+def _decoded(data: bytes, settings: Settings):
+    decoded = decode_for_inference(data, settings.max_pixels, settings.max_side)
+    return decoded.pixels, settings.max_side, (decoded.width, decoded.height)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_decode", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per frame size (default 15)")
+    parser.add_argument("--output", help="write the result document here (JSON)")
+    args = parser.parse_args(argv)
+    document = run(rounds=args.rounds)
+    print(f"machine: {machine_line(document['machine'])}")
+    if args.output:
+        write_json(args.output, document)
+        print(f"result: {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
