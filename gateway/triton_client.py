@@ -128,18 +128,9 @@ class TritonDetector:
         if self._regions is not None and self._regions.fits(image):
             try:
                 with self._regions.lease() as region:
-                    if region is not None:
+                    if region is not None:  # None: every region is in use and the pool is full
                         span.set_attribute(TRANSPORT_ATTRIBUTE, SHARED_MEMORY_TRANSPORT)
-                        region.write(image)
-                        request_input = grpcclient.InferInput(INPUT_NAME, list(image.shape), "UINT8")
-                        request_input.set_shared_memory(region.name, image.nbytes)
-                        try:
-                            return self._infer(request_input, parameters), SHARED_MEMORY_TRANSPORT
-                        except InferenceServerException as error:
-                            if not is_unknown_region(error):
-                                raise
-                            self._regions.register_again()  # Triton restarted and forgot this worker's regions
-                            return self._infer(request_input, parameters), SHARED_MEMORY_TRANSPORT
+                        return self._infer_from_region(region, image, parameters), SHARED_MEMORY_TRANSPORT
             except SharedMemoryUnavailable as reason:
                 log.warning("Triton at %s cannot map this host's shared memory (%s); this worker sends images "
                             "inside the gRPC request from now on", self.settings.triton_url, reason)
@@ -147,6 +138,19 @@ class TritonDetector:
         request_input = grpcclient.InferInput(INPUT_NAME, list(image.shape), "UINT8")
         request_input.set_data_from_numpy(image)
         return self._infer(request_input, parameters), INLINE_TRANSPORT
+
+    def _infer_from_region(self, region, image: np.ndarray, parameters: dict | None) -> grpcclient.InferResult:
+        """The pixels copied into `region`, the request naming it; registered again if Triton restarted since."""
+        region.write(image)
+        request_input = grpcclient.InferInput(INPUT_NAME, list(image.shape), "UINT8")
+        request_input.set_shared_memory(region.name, image.nbytes)
+        try:
+            return self._infer(request_input, parameters)
+        except InferenceServerException as error:
+            if not is_unknown_region(error):
+                raise
+            self._regions.register_again()
+            return self._infer(request_input, parameters)
 
     def _infer(self, request_input: grpcclient.InferInput, parameters: dict | None) -> grpcclient.InferResult:
         return self._client.infer(
