@@ -84,9 +84,9 @@ def _levels(text: str) -> list[int]:
 
 def _transports(text: str) -> list[str]:
     """The transports to sweep, the gateway's default first: its figures are the `gateway` layer."""
-    from gateway.settings import SHARED_MEMORY_CHOICES, Settings as GatewaySettings
+    from gateway.settings import SHARED_MEMORY_CHOICES
 
-    default = GatewaySettings.from_env().triton_shared_memory
+    default = bench_gateway.default_transport()
     chosen = [part.strip() for part in text.split(",") if part.strip()] or list(SHARED_MEMORY_CHOICES)
     unknown = [part for part in chosen if part not in SHARED_MEMORY_CHOICES]
     if unknown:

@@ -374,7 +374,7 @@ class GatewaySweep:
                  log=print, document_name: str = "gateway.json"):
         self.concurrency, self.settings, self.budget_s, self.log = list(concurrency), settings, budget_s, log
         self.document_name = document_name
-        self.transport = settings.shared_memory or _default_transport()
+        self.transport = settings.shared_memory or default_transport()
         self.binary = find_wrk()
         self.output_dir = Path(output_dir) if output_dir else results_dir()
         self.workdir = self.output_dir / "gateway"
@@ -490,15 +490,13 @@ def gateway_regions(grpc_url: str, pids: Sequence[int]) -> list[str]:
     """Names of the system shared-memory regions Triton holds for gateway workers among `pids`."""
     import tritonclient.grpc as grpcclient
 
-    from gateway.shared_memory import REGION_PREFIX
+    from gateway.shared_memory import registered_regions, worker_prefix
 
     with grpcclient.InferenceServerClient(grpc_url) as client:
-        names = client.get_system_shared_memory_status(as_json=True).get("regions", {})
-    prefixes = tuple(f"{REGION_PREFIX}{pid}-" for pid in pids)
-    return sorted(name for name in names if prefixes and name.startswith(prefixes))
+        return sorted(registered_regions(client, tuple(worker_prefix(pid) for pid in pids)))
 
 
-def _default_transport() -> str:
+def default_transport() -> str:
     """The gateway's own GATEWAY_TRITON_SHARED_MEMORY (its default unless the environment says otherwise)."""
     from gateway.settings import Settings as GatewaySettings
 

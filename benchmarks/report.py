@@ -108,10 +108,16 @@ def gateway_layer(gateway: dict) -> dict | None:
     return layer
 
 
+def _transport_words(name: str, layer: dict) -> str | None:
+    """How a gateway layer's pixels reached Triton, in words ("shared memory"); None for the other layers."""
+    transport = layer.get("transport") if name in GATEWAY_LAYERS else None
+    return TRANSPORTS.get(transport, transport) if transport else None
+
+
 def layer_label(name: str, layer: dict) -> str:
     """`gateway [shared memory]`, `in_process`...: the gateway layers say how their pixels reached Triton."""
-    transport = layer.get("transport") if name in GATEWAY_LAYERS else None
-    return f"gateway [{TRANSPORTS.get(transport, transport)}]" if transport else name
+    words = _transport_words(name, layer)
+    return f"gateway [{words}]" if words else name
 
 
 def transport_comparison(layers: dict) -> dict | None:
@@ -378,8 +384,8 @@ def _plotted_layers(layers: dict):
 
 
 def _plot_label(name: str, layer: dict) -> str:
-    transport = layer.get("transport") if name in GATEWAY_LAYERS else None
-    return f"{LABELS[name]} [{TRANSPORTS.get(transport, transport)}]" if transport else LABELS[name]
+    words = _transport_words(name, layer)
+    return f"{LABELS[name]} [{words}]" if words else LABELS[name]
 
 
 def plot(summary: dict, output_dir: Path) -> list[Path]:

@@ -45,12 +45,26 @@ def is_unknown_region(error: InferenceServerException) -> bool:
     return UNKNOWN_REGION_HINT in (error.message() or "").lower()
 
 
+def worker_prefix(pid: int) -> str:
+    """The start of the name (and /dev/shm key) of every region the gateway worker `pid` makes."""
+    return f"{REGION_PREFIX}{pid}-"
+
+
+def registered_regions(client, prefixes: str | tuple[str, ...] = REGION_PREFIX) -> dict[str, dict]:
+    """Triton's system shared-memory regions whose names start with one of `prefixes` (name -> status)."""
+    regions = client.get_system_shared_memory_status(as_json=True).get("regions", {})
+    return {name: region for name, region in regions.items() if name.startswith(prefixes)}
+
+
 class Region:
     """One shared-memory region of this process, registered with Triton under its own name."""
 
     def __init__(self, name: str, byte_size: int):
-        self.name, self.byte_size = name, byte_size
-        self.handle = shm.create_shared_memory_region(name, "/" + name, byte_size, create_only=True)
+        self.name, self.key, self.byte_size = name, "/" + name, byte_size
+        self.handle = shm.create_shared_memory_region(name, self.key, byte_size, create_only=True)
+
+    def register(self, client) -> None:
+        client.register_system_shared_memory(self.name, self.key, self.byte_size)
 
     def write(self, array: np.ndarray) -> None:
         shm.set_shared_memory_region(self.handle, [array])
@@ -65,7 +79,7 @@ class RegionPool:
     def __init__(self, client, byte_size: int):
         self.client = client  # a tritonclient.grpc.InferenceServerClient
         self.byte_size = byte_size
-        self.prefix = f"{REGION_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-"
+        self.prefix = f"{worker_prefix(os.getpid())}{secrets.token_hex(4)}-"
         self.available = True  # False once Triton has said it cannot map our regions
         self._lock = threading.Lock()
         self._free: list[Region] = []
@@ -105,7 +119,7 @@ class RegionPool:
 
     def _register(self, region: Region) -> None:
         try:
-            self.client.register_system_shared_memory(region.name, "/" + region.name, region.byte_size)
+            region.register(self.client)
         except InferenceServerException as error:
             if UNMAPPABLE_HINT in (error.message() or "").lower():
                 self.available = False
@@ -121,7 +135,7 @@ class RegionPool:
             regions = list(self._all)
         for region in regions:
             try:
-                self.client.register_system_shared_memory(region.name, "/" + region.name, region.byte_size)
+                region.register(self.client)
             except InferenceServerException as error:
                 if "already" not in (error.message() or "").lower():  # another thread got there first
                     raise
@@ -129,12 +143,11 @@ class RegionPool:
     def unregister_orphans(self) -> None:
         """Unregister gateway regions Triton still holds whose memory is gone (a worker that was killed)."""
         try:
-            status = self.client.get_system_shared_memory_status(as_json=True)
+            regions = registered_regions(self.client)
         except InferenceServerException:
             return  # Triton down: the registration that follows reports it
-        for name, region in status.get("regions", {}).items():
-            key = region.get("key", "").lstrip("/")
-            if name.startswith(REGION_PREFIX) and not os.path.exists(os.path.join(SHM_DIR, key)):
+        for name, region in regions.items():
+            if not os.path.exists(os.path.join(SHM_DIR, region.get("key", "").lstrip("/"))):
                 try:
                     self.client.unregister_system_shared_memory(name)
                     log.info("unregistered orphaned shared memory region %s from Triton", name)
@@ -161,7 +174,7 @@ def remove_region_files(pid: int) -> None:
 
     Triton may still map it; the next worker to register a region unregisters such orphans.
     """
-    for path in glob.glob(os.path.join(SHM_DIR, f"{REGION_PREFIX}{pid}-*")):
+    for path in glob.glob(os.path.join(SHM_DIR, worker_prefix(pid) + "*")):
         try:
             os.remove(path)
         except FileNotFoundError:

@@ -52,22 +52,22 @@ def two_faces(real_images):
     return jpeg, decoded(jpeg)
 
 
-def reference_after_downscaling(reference_pipeline, jpeg, max_side, **overrides):
-    """The reference's answer for `jpeg` shrunk to `max_side` as the gateway sends it, boxes scaled back up.
-
-    The gateway decodes a JPEG at least twice `max_side` at half scale (libjpeg's scaled decode), then
-    resizes with INTER_AREA: the same here, written out independently of gateway/imaging.py.
-    """
-    full = decoded(jpeg)
-    height, width = full.shape[:2]
-    half = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_REDUCED_COLOR_2)
-    assert max(half.shape[:2]) >= max_side  # this image is one the gateway decodes at half scale
-    factor = max_side / max(half.shape[:2])
-    sent = cv2.resize(half, (round(half.shape[1] * factor), round(half.shape[0] * factor)),
+def reference_after_shrinking(reference_pipeline, image, max_side, full_shape, **overrides):
+    """The reference's answer for `image` shrunk (INTER_AREA) to `max_side`, boxes in pixels of `full_shape`."""
+    factor = max_side / max(image.shape[:2])
+    sent = cv2.resize(image, (round(image.shape[1] * factor), round(image.shape[0] * factor)),
                       interpolation=cv2.INTER_AREA)
     found = reference_pipeline.detect(sent, replace(reference_pipeline.params, **overrides))
-    scale = np.array([sent.shape[1] / width, sent.shape[0] / height] * 2)
+    scale = np.array([sent.shape[1] / full_shape[1], sent.shape[0] / full_shape[0]] * 2)
     return replace(found, boxes=found.boxes / scale)
+
+
+def reference_as_the_gateway_sends(reference_pipeline, jpeg, pixels, max_side, **overrides):
+    """The reference's answer for `jpeg` as the gateway sends it: a JPEG at least twice `max_side` is decoded
+    at half scale (libjpeg's scaled decode), then shrunk; written out independently of gateway/imaging.py."""
+    half = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_REDUCED_COLOR_2)
+    assert max(half.shape[:2]) >= max_side  # this image is one the gateway decodes at half scale
+    return reference_after_shrinking(reference_pipeline, half, max_side, pixels.shape, **overrides)
 
 
 @pytest.fixture
@@ -96,15 +96,12 @@ def test_detect_maps_boxes_back_and_sets_headers(client, two_faces, reference_pi
     assert body["image"] == {"width": 2048, "height": 1200}
     assert len(body["detections"]) == 2
     # Decoded at half scale, downscaled to MAX_SIDE before Triton, boxes mapped back to the original's pixels.
-    assert_matches_reference(body, reference_after_downscaling(reference_pipeline, jpeg, MAX_SIDE), pixels.shape)
+    expected = reference_as_the_gateway_sends(reference_pipeline, jpeg, pixels, MAX_SIDE)
+    assert_matches_reference(body, expected, pixels.shape)
     # What the scaled decode costs in accuracy, against a full decode resized the same way: nothing that matters.
-    height, width = pixels.shape[:2]
-    factor = MAX_SIDE / max(height, width)
-    resized = cv2.resize(pixels, (round(width * factor), round(height * factor)), interpolation=cv2.INTER_AREA)
-    from_full = reference_pipeline.detect(resized)
+    from_full = reference_after_shrinking(reference_pipeline, pixels, MAX_SIDE, pixels.shape)
     assert [d["label"] for d in body["detections"]] == list(from_full.labels)
-    upscale = np.array([width / resized.shape[1], height / resized.shape[0]] * 2)
-    assert matched_iou([d["box"] for d in body["detections"]], from_full.boxes * upscale).min() >= 0.95
+    assert matched_iou([d["box"] for d in body["detections"]], from_full.boxes).min() >= 0.95
     np.testing.assert_allclose([d["score"] for d in body["detections"]], from_full.scores, atol=0.01)
     np.testing.assert_allclose([d["label_score"] for d in body["detections"]], from_full.label_scores, atol=0.01)
     timing = response.headers["Server-Timing"]
@@ -116,7 +113,7 @@ def test_max_faces_reaches_triton(client, two_faces, reference_pipeline):
     jpeg, pixels = two_faces
     response = client.post("/v1/detect?max_faces=1", data=jpeg, headers={"Content-Type": "image/jpeg"})
     assert response.status_code == 200, response.get_data(as_text=True)
-    expected = reference_after_downscaling(reference_pipeline, jpeg, MAX_SIDE, max_faces=1)
+    expected = reference_as_the_gateway_sends(reference_pipeline, jpeg, pixels, MAX_SIDE, max_faces=1)
     assert len(expected) == 1
     assert_matches_reference(response.get_json(), expected, pixels.shape)
 

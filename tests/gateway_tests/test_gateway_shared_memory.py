@@ -32,7 +32,8 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import SpanKind
 
 from gateway.settings import Settings
-from gateway.shared_memory import MAX_REGION_BYTES, REGION_PREFIX, SHM_DIR, region_bytes, remove_region_files
+from gateway.shared_memory import (MAX_REGION_BYTES, SHM_DIR, region_bytes, registered_regions,
+                                   remove_region_files, worker_prefix)
 from gateway.tracing import PROVIDER_KEY
 from gateway.triton_client import TRANSPORT_ATTRIBUTE, TritonDetector
 
@@ -67,16 +68,11 @@ finally:
 def registered(triton_url: str, prefix: str) -> dict[str, dict]:
     """Triton's system shared-memory regions whose name starts with `prefix` (name -> status)."""
     with grpcclient.InferenceServerClient(triton_url) as client:
-        regions = client.get_system_shared_memory_status(as_json=True).get("regions", {})
-    return {name: region for name, region in regions.items() if name.startswith(prefix)}
+        return registered_regions(client, prefix)
 
 
 def region_files(prefix: str) -> list[str]:
     return sorted(glob.glob(os.path.join(SHM_DIR, prefix + "*")))
-
-
-def worker_prefix(pid: int) -> str:
-    return f"{REGION_PREFIX}{pid}-"
 
 
 def children(pid: int) -> list[int]:
