@@ -113,14 +113,6 @@ def describe_bodies(bodies: list[dict], quality: int) -> dict:
             "mean_bytes": round(sum(sizes) / len(sizes)), "sha256": digest.hexdigest()}
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 class Gateway:
     """`gunicorn gateway:create_app()` against Triton's gRPC URL on a free loopback port; a context manager.
 
@@ -134,6 +126,7 @@ class Gateway:
                  shared_memory: str | None = None):
         from dataclasses import fields
 
+        from gateway.serve import free_port
         from gateway.settings import Settings as GatewaySettings
 
         known = {field.name for field in fields(GatewaySettings)}

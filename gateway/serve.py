@@ -37,7 +37,8 @@ def parse_args(argv: Sequence[str] | None, defaults: Settings) -> argparse.Names
     return parser.parse_args(argv)
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port on `host` nothing listens on right now (the kernel's pick)."""
     import socket
 
     with socket.socket() as sock:
@@ -132,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             triton = _start_triton(args, defaults)
             triton_url, triton_metrics_url = triton.grpc_url, triton.metrics_url
             print(f"tritonserver ready in {triton.startup_s:.1f} s (log: {triton.log_path})", flush=True)
-        port = args.port or _free_port(args.host)
+        port = args.port or free_port(args.host)
         settings = replace(defaults, host=args.host, port=port, workers=args.workers, threads=args.threads,
                            triton_url=triton_url, triton_metrics_url=triton_metrics_url)
         # Its own session: Ctrl-C reaches only us, and we stop gunicorn gracefully with SIGTERM.

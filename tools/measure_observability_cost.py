@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,14 +36,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "observability_tests"))  # the test OTLP receiver
 
 from ensemble.triton.launcher import CANONICAL_REPOSITORY, TraceSettings, TritonServer  # noqa: E402
+from gateway.serve import free_port  # noqa: E402
 
 HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -143,7 +137,7 @@ def tracing_run(enabled: bool, requests: int) -> dict:
     with OtlpReceiver() as receiver:
         trace = TraceSettings(receiver.triton_url, rate=0, bsp_schedule_delay_ms=200) if enabled else None
         with TritonServer(CANONICAL_REPOSITORY, trace=trace) as triton:
-            port = _free_port()
+            port = free_port()
             env = {key: value for key, value in os.environ.items() if not key.startswith("OTEL_")}
             env.update(GATEWAY_PORT=str(port), GATEWAY_WORKERS="2", GATEWAY_TRITON_URL=triton.grpc_url,
                        GATEWAY_TRITON_METRICS_URL=triton.metrics_url, GATEWAY_ACCESS_LOG="off",

@@ -8,10 +8,8 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import struct
 import subprocess
-import sys
 import time
 import zlib
 from contextlib import contextmanager
@@ -24,23 +22,16 @@ import requests
 
 from ensemble.ssd import pairwise_iou
 from ensemble.triton.launcher import TraceSettings, TritonServer
+from gateway.serve import free_port, gunicorn_command  # free_port: the tests import it from here
 
 EXIF_ORIENTATION_TAG = 0x0112
 REPO_ROOT = Path(__file__).resolve().parents[2]
-GUNICORN_CONF = REPO_ROOT / "gateway" / "gunicorn.conf.py"
 START_TIMEOUT_S = 60
 # Variables of the test process that would leak into a gateway under test and change what it does.
 INHERITED_OBSERVABILITY_VARIABLES = ("PROMETHEUS_MULTIPROC_DIR", "OTEL_EXPORTER_OTLP_ENDPOINT",
                                      "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL",
                                      "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG", "OTEL_SERVICE_NAME",
                                      "GATEWAY_ACCESS_LOG", "GATEWAY_TRITON_METRICS_URL")
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def encode(image_bgr: np.ndarray, ext: str = ".png") -> bytes:
@@ -133,9 +124,8 @@ class Gunicorn:
 
     def start(self, ready_path: str = "/readyz") -> "Gunicorn":
         self._log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "gateway:create_app()"],
-            cwd=REPO_ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(gunicorn_command(), cwd=REPO_ROOT, env=self.env, stdout=self._log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             assert self.process.poll() is None, f"gunicorn exited; see {self.log_path}"

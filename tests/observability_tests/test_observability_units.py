@@ -22,7 +22,7 @@ from gateway.metrics import STAGE_BUCKETS
 from gateway.settings import Settings, env_name
 from gateway.tracing import build_sampler
 from gateway.triton_client import close_worker_detectors
-from gateway_helpers import FakeDetector, encode
+from gateway_helpers import FakeDetector, encode, free_port
 
 # As tritonserver 2.51 writes it (abridged): counters without _total, a summary whose _count/_sum precede
 # its quantiles, a gauge; plus an untyped sample.
@@ -40,12 +40,6 @@ nv_inference_request_summary_us{model="mask_detection",version="1",quantile="0.5
 nv_cpu_utilization 0.25
 loose_sample{a="b"} NaN
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- Triton's families
@@ -78,7 +72,7 @@ def test_a_family_the_gateway_already_has_is_dropped():
 
 def test_fetch_fails_fast_when_refused_and_within_the_timeout_when_hung():
     started = time.monotonic()
-    refused = triton_metrics.fetch(f"http://127.0.0.1:{_free_port()}/metrics", 2.0)
+    refused = triton_metrics.fetch(f"http://127.0.0.1:{free_port()}/metrics", 2.0)
     assert not refused.ok and "refused" in refused.error.lower() and time.monotonic() - started < 1.5
     with socket.socket() as hung:
         hung.bind(("127.0.0.1", 0))
