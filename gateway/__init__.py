@@ -19,6 +19,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from gateway.blueprints.metrics import register_metrics
     from gateway.dependencies import register_settings
     from gateway.errors import register_error_handlers
+    from gateway.keepalive import register_body_drain
     from gateway.logging_setup import register_logging
     from gateway.request_id import register_request_id
     from gateway.server_timing import register_server_timing
@@ -31,6 +32,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     register_server_timing(app)
     register_access_log(app, settings)  # its after_request runs after the others (Flask runs them in reverse)
     register_error_handlers(app)
+    register_body_drain(app, settings)
     register_tracing(app, settings)
     register_metrics(app, settings)
     register_blueprints(app)

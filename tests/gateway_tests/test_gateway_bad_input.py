@@ -1,4 +1,6 @@
 """Bad uploads and parameters get the documented status and a JSON body naming the problem; workers survive."""
+import http.client
+import json
 import time
 
 import numpy as np
@@ -90,6 +92,36 @@ def test_batch_with_no_images_and_wrong_type(gateway_url, http, hopper_jpeg):
     assert_error(http.post(gateway_url + "/v1/detect/batch", files={"other": ("a", b"x")}), 400, "missing_image")
     assert_error(http.post(gateway_url + "/v1/detect/batch", data=hopper_jpeg,
                            headers={"Content-Type": "image/jpeg"}), 415, "unsupported_media_type")
+
+
+@pytest.mark.parametrize("method, path, content_type, status", [
+    ("POST", "/v1/detect", "text/plain", 415),  # refused on its Content-Type, before the body is read
+    ("POST", "/v1/detect/batch", "image/jpeg", 415),
+    ("POST", "/v1/nothing-here", "image/jpeg", 404),
+    ("PUT", "/v1/detect", "image/jpeg", 405),
+])
+def test_error_before_the_body_is_read_keeps_the_connection(gateway_url, hopper_jpeg, method, path,
+                                                            content_type, status):
+    """The next request on the same keep-alive connection is answered, not dropped.
+
+    A raw http.client connection, not `requests`: urllib3 quietly reconnects when it finds its pooled
+    connection closed, which hides the dropped connection from the caller. The body is larger than the
+    64 KiB gunicorn discards by itself.
+    """
+    body = (hopper_jpeg * (1 + 300_000 // len(hopper_jpeg)))[:300_000]
+    host, port = gateway_url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        connection.request(method, path, body=body, headers={"Content-Type": content_type})
+        refused = connection.getresponse()
+        refused_body = refused.read()
+        assert refused.status == status, refused_body
+        assert json.loads(refused_body)["error"]["code"]
+        connection.request("POST", "/v1/detect", body=hopper_jpeg, headers={"Content-Type": "image/jpeg"})
+        answered = connection.getresponse()
+        assert answered.status == 200 and len(json.loads(answered.read())["detections"]) == 1
+    finally:
+        connection.close()
 
 
 def test_logs_carry_no_image_bytes(gateway_stack):

@@ -1,0 +1,39 @@
+"""Read what a request left of its body before answering, so its keep-alive connection can carry the next one.
+
+An error answered before the view read the upload (a wrong Content-Type, an unknown route) leaves the body on
+the socket. gunicorn then discards at most 64 KiB of it and closes the connection, after having told the client
+`Connection: keep-alive`: the client's next request on that connection fails. Bodies within the upload limit
+are therefore read here; a larger one (a 413) still ends its connection.
+"""
+from __future__ import annotations
+
+from flask import Flask, request
+
+from gateway.settings import Settings
+
+CHUNK_BYTES = 64 * 1024
+
+
+def drain_request_body(limit_bytes: int) -> bool:
+    """Discard the unread rest of this request's body (at most `limit_bytes`); whether it was all read."""
+    declared = request.content_length
+    if declared is not None and declared > limit_bytes:
+        return False
+    stream, drained = request.environ["wsgi.input"], 0
+    while drained <= limit_bytes:
+        chunk = stream.read(CHUNK_BYTES)
+        if not chunk:
+            return True
+        drained += len(chunk)
+    return False
+
+
+def register_body_drain(app: Flask, settings: Settings) -> None:
+    """Drain every request's unread body (up to the largest upload accepted) before its response is sent."""
+    limit_bytes = max(settings.max_body_bytes, settings.max_batch_bytes)
+
+    @app.after_request
+    def _drain_unread_body(response):
+        if request.content_length or request.headers.get("Transfer-Encoding"):
+            drain_request_body(limit_bytes)
+        return response
