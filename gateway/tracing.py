@@ -5,6 +5,7 @@ Span attributes carry sizes, counts and names only, never image bytes or anythin
 """
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
 from typing import Iterator
@@ -124,7 +125,13 @@ def register_tracing(app: Flask, settings: Settings) -> None:
 def _tracer() -> trace.Tracer:
     """The running app's tracer (its settings' sampler and exporter), the global one outside an app."""
     provider = current_app.extensions.get(PROVIDER_KEY) if has_app_context() else None
-    return (provider or trace.get_tracer_provider()).get_tracer(TRACER_NAME)
+    return _tracer_of(provider or trace.get_tracer_provider())
+
+
+@functools.lru_cache(maxsize=16)
+def _tracer_of(provider: trace.TracerProvider) -> trace.Tracer:
+    """One tracer per provider: the SDK's get_tracer rewrites the process's warning filters on every call."""
+    return provider.get_tracer(TRACER_NAME)
 
 
 @contextmanager
