@@ -115,11 +115,22 @@ class ScaledImage:
         return self.scale_x != 1.0 or self.scale_y != 1.0
 
 
-def fit_within(image: np.ndarray, max_side: int, full_size: tuple[int, int] | None = None) -> ScaledImage:
+def shrink_interpolation(longest_side: int, max_side: int) -> int:
+    """Bilinear below 2:1, where it still reads every source pixel; an area average from 2:1 on, where it would not.
+
+    INTER_AREA at a ratio that is not a whole number costs about as much as the decode (1080p to 1280 wide:
+    8.1 ms, bilinear 1.7 ms). On 102 frames shrunk both ways the reference pipeline found the same faces and
+    labels (IoU >= 0.98, scores within 0.02).
+    """
+    return cv2.INTER_LINEAR if longest_side < 2 * max_side else cv2.INTER_AREA
+
+
+def fit_within(image: np.ndarray, max_side: int, full_size: tuple[int, int] | None = None, *,
+               interpolation: int | None = None) -> ScaledImage:
     """Downscale (never upscale) so the longer side is at most `max_side`; small images pass untouched.
 
     `full_size` (width, height): the size `image` stands for when it was decoded at a reduced scale; the
-    scale factors are relative to it.
+    scale factors are relative to it. `interpolation`: a cv2 filter instead of `shrink_interpolation`'s.
     """
     height, width = image.shape[:2]
     full_width, full_height = full_size or (width, height)
@@ -129,7 +140,7 @@ def fit_within(image: np.ndarray, max_side: int, full_size: tuple[int, int] | No
     else:
         factor = max_side / longest
         new_size = (max(1, round(width * factor)), max(1, round(height * factor)))
-        sent = cv2.resize(image, new_size, interpolation=cv2.INTER_AREA)
+        sent = cv2.resize(image, new_size, interpolation=shrink_interpolation(longest, max_side) if interpolation is None else interpolation)
     return ScaledImage(sent, sent.shape[1] / full_width, sent.shape[0] / full_height)
 
 

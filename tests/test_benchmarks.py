@@ -295,7 +295,7 @@ def test_config_variant_rewrites_only_the_edited_configs(tmp_path, model_reposit
         make_variant(tmp_path / "bad", source=model_repository, merges=["no_such_model:max_batch_size: 1"])
 
 
-def test_the_decode_benchmark_compares_both_ways_on_camera_sizes():
+def test_the_decode_benchmark_compares_the_three_ways_on_camera_sizes():
     from benchmarks import bench_decode
 
     document = bench_decode.run(rounds=1, log=lambda _: None)
@@ -304,4 +304,5 @@ def test_the_decode_benchmark_compares_both_ways_on_camera_sizes():
     assert [frame["reduction"] for frame in frames.values()] == [1, 2, 2]  # 1080p is under 2 x max_side 1280
     assert frames["4K"]["sent"] == [720, 1280]  # both ways send the same downscaled frame (checked in run)
     for frame in frames.values():
-        assert set(frame["median_ms"]) == {"full_decode", "scaled_decode"} and frame["ratio"] > 0
+        assert set(frame["median_ms"]) == {"full_decode", "area_shrink", "scaled_decode"}
+        assert frame["ratio"] > 0 and frame["ratio_to_area_shrink"] > 0

@@ -53,10 +53,11 @@ def two_faces(real_images):
 
 
 def reference_after_shrinking(reference_pipeline, image, max_side, full_shape, **overrides):
-    """The reference's answer for `image` shrunk (INTER_AREA) to `max_side`, boxes in pixels of `full_shape`."""
+    """The reference's answer for `image` shrunk to `max_side` (bilinear below 2:1, else an area average), boxes
+    in pixels of `full_shape`."""
     factor = max_side / max(image.shape[:2])
     sent = cv2.resize(image, (round(image.shape[1] * factor), round(image.shape[0] * factor)),
-                      interpolation=cv2.INTER_AREA)
+                      interpolation=cv2.INTER_LINEAR if factor > 0.5 else cv2.INTER_AREA)
     found = reference_pipeline.detect(sent, replace(reference_pipeline.params, **overrides))
     scale = np.array([sent.shape[1] / full_shape[1], sent.shape[0] / full_shape[0]] * 2)
     return replace(found, boxes=found.boxes / scale)

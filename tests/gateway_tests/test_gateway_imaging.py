@@ -1,13 +1,14 @@
 """Decoding as displayed, header-only limits, and the downscale round trip, without Triton."""
 import time
 
+import cv2
 import numpy as np
 import pytest
 
 from gateway.errors import EmptyBody, ImageTooLarge, InvalidImage
 from gateway.imaging import (boxes_to_original, check_pixel_count, decode_for_inference, decode_image, fit_within,
                              jpeg_reduction)
-from gateway_helpers import encode, jpeg_with_orientation, png_bomb_header
+from gateway_helpers import encode, jpeg_with_orientation, matched_iou, png_bomb_header
 
 LIMIT = 40_000_000
 
@@ -116,6 +117,36 @@ def test_small_images_are_sent_untouched():
     image = np.zeros((600, 512, 3), np.uint8)
     scaled = fit_within(image, 1280)
     assert scaled.pixels is image and not scaled.was_resized
+
+
+@pytest.mark.parametrize("longest, interpolation", [
+    (1920, cv2.INTER_LINEAR),  # 1.5:1 (1080p): bilinear still reads every source pixel
+    (2559, cv2.INTER_LINEAR),
+    (2560, cv2.INTER_AREA),  # 2:1 and beyond: bilinear would skip pixels, so an area average
+    (4000, cv2.INTER_AREA),
+])
+def test_the_shrink_filter_depends_on_the_ratio(longest, interpolation):
+    image = np.random.default_rng(longest).integers(0, 256, (longest * 9 // 16, longest, 3), dtype=np.uint8)
+    scaled = fit_within(image, 1280)
+    expected = cv2.resize(image, scaled.pixels.shape[1::-1], interpolation=interpolation)
+    np.testing.assert_array_equal(scaled.pixels, expected)
+
+
+def test_bilinear_shrinking_finds_what_the_area_average_finds(real_images, reference_pipeline):
+    """Camera-sized frames (real faces upscaled, with sensor noise) shrunk below 2:1 both ways: same faces."""
+    rng = np.random.default_rng(0)
+    for image in real_images.values():
+        for longest in (1600, 1920, 2500):
+            factor = longest / max(image.shape[:2])
+            frame = cv2.resize(image, None, fx=factor, fy=factor, interpolation=cv2.INTER_CUBIC)
+            frame = np.clip(frame + rng.normal(0, 6, frame.shape), 0, 255).astype(np.uint8)
+            sent = fit_within(frame, 1280).pixels
+            found = reference_pipeline.detect(sent)
+            expected = reference_pipeline.detect(cv2.resize(frame, sent.shape[1::-1], interpolation=cv2.INTER_AREA))
+            assert list(found.labels) == list(expected.labels) and len(found) == 1
+            assert matched_iou(found.boxes, expected.boxes).min() >= 0.95
+            np.testing.assert_allclose(found.scores, expected.scores, atol=0.03)
+            np.testing.assert_allclose(found.label_scores, expected.label_scores, atol=0.03)
 
 
 def test_downscaled_boxes_map_back_to_the_original():
