@@ -8,7 +8,8 @@
 
 One tritonserver serves layers 2 and 3, and their levels are measured alternately (Triton c=1, gateway
 c=1 [shm], gateway c=1 [inline], gateway c=2 [inline], ...) so other load on the machine affects all
-alike. Every phase has a time budget: the defaults take about 5 minutes on a 2-core machine, the planned
+alike; the in-process ceiling (spin-waiting off) is measured in slices between them, one per level.
+Every phase has a time budget: the defaults take about 5 minutes on a 2-core machine, the planned
 bound (printed on every progress line) is 7:40, and a level already running can overrun it by its own
 length only.
 
@@ -135,6 +136,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _reference_slice(meter: bench_reference.ReferenceMeter, seconds: float, level: int, progress: Progress) -> None:
+    piece = meter.measure(seconds, label=f"before c={level}")
+    progress.log(f"in-process slice {piece['label']}: {piece['throughput_images_per_s']:.1f} images/s "
+                 f"({piece['images']} in {piece['elapsed_s']:.1f} s)")
+
+
 def run(args: argparse.Namespace, *, server=None, out: Callable[[str], None] = print) -> dict:
     """All layers into args.results_dir (or a new timestamped folder); returns the summary document.
 
@@ -160,14 +167,21 @@ def run(args: argparse.Namespace, *, server=None, out: Callable[[str], None] = p
 
     variants = REFERENCE_VARIANTS[: 1 if args.reference_defaults_only else None]
     each_s = args.reference_duration / len(variants)
+    # The last variant (the ceiling the targets use) is measured in slices, one before each server level, when
+    # there are server levels: the ceiling and the servers then see the same minutes of the machine.
+    interleaved = servers and bool(args.concurrency) and (
+        not args.skip_gateway or (not args.skip_triton and ENSEMBLE in models))
     progress.begin("in-process reference", f"{len(variants)} ONNX Runtime configurations x {each_s:g} s, "
-                                           "one frame per call")
-    references = []
-    for (name, spinning) in variants:
-        reference = bench_reference.run(each_s, spinning=spinning, repository=args.model_repository)
-        write_json(output_dir / f"{name}.json", reference)
-        references.append(reference)
-        progress.log(bench_reference.summary(reference).splitlines()[0])
+                                           "one frame per call" + (f"; {variants[-1][0]} in slices between the "
+                                                                   "server levels" if interleaved else ""))
+    meters = {name: bench_reference.ReferenceMeter(spinning=spinning, repository=args.model_repository)
+              for name, spinning in variants}
+    ceiling = list(meters.values())[-1]
+    for name, meter in meters.items():
+        if not (interleaved and meter is ceiling):
+            meter.measure(each_s)
+            meter.close()
+            progress.log(bench_reference.summary(meter.document()).splitlines()[0])
 
     triton_sweep, gateway_sweeps = None, []
     if not args.skip_triton:
@@ -208,10 +222,15 @@ def run(args: argparse.Namespace, *, server=None, out: Callable[[str], None] = p
                 progress.begin("Triton direct (perf_analyzer, gRPC) and gateway (wrk, HTTP), level by level",
                                f"c={','.join(map(str, args.concurrency))}")
             for index, level in enumerate(args.concurrency):
-                steps = ([lambda level=level: triton_sweep.level(ENSEMBLE, level)] if ensemble else []) + [
+                steps = ([lambda level=level: _reference_slice(ceiling, each_s / len(args.concurrency), level,
+                                                               progress)] if interleaved else []) + (
+                    [lambda level=level: triton_sweep.level(ENSEMBLE, level)] if ensemble else []) + [
                     lambda level=level, sweep=sweep: sweep.level(level) for sweep in gateway_sweeps]
                 for step in steps[::-1] if index % 2 else steps:
                     step()
+            if interleaved:
+                ceiling.close()
+                progress.log(bench_reference.summary(ceiling.document()).splitlines()[0])
             while gateway_sweeps:  # stops each gunicorn
                 gateways.append(gateway_sweeps.pop(0).finish())
             if triton_sweep and triton_sweep.pending():
@@ -226,6 +245,10 @@ def run(args: argparse.Namespace, *, server=None, out: Callable[[str], None] = p
             if triton_sweep:
                 triton = triton_sweep.finish()
 
+    references = []
+    for name, meter in meters.items():
+        references.append(meter.document())
+        write_json(output_dir / f"{name}.json", references[-1])
     progress.begin("report")
     summary = report.summarize(
         references, triton, gateways, uptime_start=uptime_start, uptime_end=uptime_line(),

@@ -46,57 +46,94 @@ def pipeline_for(repository: Path, threads: int | None = None, spinning: bool | 
     return pipeline
 
 
+class ReferenceMeter:
+    """The reference pipeline measured over one or more slices of time, summed into one result.
+
+    `make bench` puts one slice before each server level, so the ceiling and the servers are measured
+    through the same minutes of a machine whose speed drifts. `threads`: ONNX Runtime intra-op threads
+    (None: ORT's default, one per core); `spinning`: False switches ORT's spin-waiting off (None: ORT's
+    default, on).
+    """
+
+    def __init__(self, *, warmup_passes: int = 1, batch_size: int = 1, threads: int | None = None,
+                 spinning: bool | None = None, repository: Path = DEFAULT_REPOSITORY):
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.machine = machine_info()  # before the run: the load average is about the machine, not about us
+        self.images = benchmark_images()
+        self.settings = {"duration_s": 0.0, "warmup_passes": warmup_passes, "batch_size": batch_size,
+                         "ort_intra_op_threads": threads, "ort_allow_spinning": spinning,
+                         "model_repository": str(repository)}
+        self._pipeline = pipeline_for(repository, threads, spinning)
+        self._cycle = itertools.cycle(self.images.values())
+        for _ in range(warmup_passes):
+            for frame in self.images.values():
+                self._pipeline.detect(frame)
+        self._latencies: list[float] = []
+        self._faces = self._processed = 0
+        self._elapsed = self._cpu = 0.0
+        self.slices: list[dict] = []
+
+    def measure(self, duration_s: float, *, min_requests: int = 1, label: str = "") -> dict:
+        """Run for about `duration_s` seconds (at least `min_requests` calls); returns this slice's figures."""
+        batch_size = self.settings["batch_size"]
+        latencies, faces, processed = [], 0, 0
+        started, cpu_started = time.perf_counter(), time.process_time()
+        while len(latencies) < min_requests or time.perf_counter() - started < duration_s:
+            batch = [next(self._cycle) for _ in range(batch_size)]
+            began = time.perf_counter()
+            detections = (self._pipeline.detect_batch(batch) if batch_size > 1
+                          else [self._pipeline.detect(batch[0])])
+            latencies.append(time.perf_counter() - began)
+            faces += sum(len(found) for found in detections)
+            processed += len(batch)
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        self._latencies += latencies
+        self._faces, self._processed = self._faces + faces, self._processed + processed
+        self._elapsed, self._cpu = self._elapsed + elapsed, self._cpu + cpu
+        self.settings["duration_s"] = round(self.settings["duration_s"] + duration_s, 3)
+        piece = {"label": label, "images": processed, "elapsed_s": round(elapsed, 3),
+                 "throughput_images_per_s": round(processed / elapsed, 3)}
+        self.slices.append(piece)
+        return piece
+
+    def close(self) -> None:
+        """Free the ONNX Runtime sessions (their threads) once this variant is measured."""
+        self._pipeline = None
+
+    def document(self) -> dict:
+        """The result document of every slice so far."""
+        if not self._processed:
+            raise RuntimeError("nothing measured yet")
+        return {
+            "schema": SCHEMA,
+            "benchmark": "reference",
+            "description": "ReferencePipeline (ONNX Runtime, CPU) in one process, frames sent one request at a time",
+            "machine": self.machine,
+            "image_set": describe(self.images),
+            "settings": dict(self.settings),
+            "results": {
+                "images": self._processed,
+                "requests": len(self._latencies),
+                "elapsed_s": round(self._elapsed, 3),
+                "throughput_images_per_s": round(self._processed / self._elapsed, 3),
+                "latency_per_request": latency_summary(self._latencies),
+                "cpu_seconds_per_image": round(self._cpu / self._processed, 5),
+                "cpu_utilization_cores": round(self._cpu / self._elapsed, 3),
+                "faces_per_image": round(self._faces / self._processed, 3),
+            },
+            "slices": list(self.slices),
+        }
+
+
 def run(duration_s: float = 20.0, *, warmup_passes: int = 1, batch_size: int = 1, threads: int | None = None,
         spinning: bool | None = None, repository: Path = DEFAULT_REPOSITORY, min_requests: int = 1) -> dict:
-    """Run for about `duration_s` seconds after warm-up; return the result document.
-
-    `threads`: ONNX Runtime intra-op threads (None: ORT's default, one per core); `spinning`: False
-    switches ORT's spin-waiting off (None: ORT's default, on).
-    """
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    machine = machine_info()  # before the run: the load average is about the machine, not about us
-    images = benchmark_images()
-    frames = list(images.values())
-    pipeline = pipeline_for(repository, threads, spinning)
-    for _ in range(warmup_passes):
-        for frame in frames:
-            pipeline.detect(frame)
-
-    cycle = itertools.cycle(frames)
-    latencies, faces, processed = [], 0, 0
-    started = time.perf_counter()
-    cpu_started = time.process_time()
-    while len(latencies) < min_requests or time.perf_counter() - started < duration_s:
-        batch = [next(cycle) for _ in range(batch_size)]
-        began = time.perf_counter()
-        detections = pipeline.detect_batch(batch) if batch_size > 1 else [pipeline.detect(batch[0])]
-        latencies.append(time.perf_counter() - began)
-        faces += sum(len(found) for found in detections)
-        processed += len(batch)
-    elapsed = time.perf_counter() - started
-    cpu = time.process_time() - cpu_started
-
-    return {
-        "schema": SCHEMA,
-        "benchmark": "reference",
-        "description": "ReferencePipeline (ONNX Runtime, CPU) in one process, frames sent one request at a time",
-        "machine": machine,
-        "image_set": describe(images),
-        "settings": {"duration_s": duration_s, "warmup_passes": warmup_passes, "batch_size": batch_size,
-                     "ort_intra_op_threads": threads, "ort_allow_spinning": spinning,
-                     "model_repository": str(repository)},
-        "results": {
-            "images": processed,
-            "requests": len(latencies),
-            "elapsed_s": round(elapsed, 3),
-            "throughput_images_per_s": round(processed / elapsed, 3),
-            "latency_per_request": latency_summary(latencies),
-            "cpu_seconds_per_image": round(cpu / processed, 5),
-            "cpu_utilization_cores": round(cpu / elapsed, 3),
-            "faces_per_image": round(faces / processed, 3),
-        },
-    }
+    """One slice of about `duration_s` seconds after warm-up; returns the result document."""
+    meter = ReferenceMeter(warmup_passes=warmup_passes, batch_size=batch_size, threads=threads, spinning=spinning,
+                           repository=repository)
+    meter.measure(duration_s, min_requests=min_requests)
+    meter.close()
+    return meter.document()
 
 
 def summary(document: dict) -> str:

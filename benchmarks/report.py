@@ -185,10 +185,13 @@ def ratios(layers: dict) -> dict:
             "detail": f"gateway p50 {gateway_c1['p50_ms']:.2f} ms - Triton p50 {triton_c1['p50_ms']:.2f} ms at c=1"}
         paired = (gateway.get("server_timing_c1") or {}).get("paired_added_p50_ms")
         if paired is not None:
+            # The sweeps' p50s come from different seconds of a machine whose speed drifts by several ms;
+            # the target counts as met only when the paired estimate agrees.
             out["gateway_added_p50_ms_c1"]["paired_value"] = paired
+            out["gateway_added_p50_ms_c1"]["met"] &= paired <= TARGETS["gateway_added_p50_ms_c1"]
             out["gateway_added_p50_ms_c1"]["detail"] += (
                 f"; paired measurement (each gateway request right after the same frame over gRPC): "
-                f"{paired:+.2f} ms")
+                f"{paired:+.2f} ms; met only when both are within the target")
     failed_levels = [f"{name} c={level['concurrency']}" for name in ("triton", *GATEWAY_LAYERS)
                      for level in (layers.get(name) or {}).get("levels", [])
                      if not level.get("ok") and "time budget" not in level.get("reason", "")]

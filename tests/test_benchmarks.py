@@ -42,6 +42,19 @@ def test_reference_benchmark_batches(model_repository):
     assert document["results"]["requests"] == 1 and document["results"]["images"] == 3
 
 
+def test_reference_slices_add_up_to_one_result(model_repository):
+    meter = bench_reference.ReferenceMeter(warmup_passes=0, repository=model_repository)
+    first = meter.measure(0.0, min_requests=2, label="a")
+    second = meter.measure(0.0, min_requests=3, label="b")
+    meter.close()
+    document = meter.document()
+    results = document["results"]
+    assert [piece["label"] for piece in document["slices"]] == ["a", "b"]
+    assert results["images"] == results["requests"] == first["images"] + second["images"] == 5
+    assert results["elapsed_s"] == pytest.approx(first["elapsed_s"] + second["elapsed_s"], abs=0.002)
+    assert results["throughput_images_per_s"] == pytest.approx(5 / results["elapsed_s"], rel=0.01)
+
+
 @pytest.mark.parametrize("text, levels", [("1:4", [1, 2, 3, 4]), ("2:8:2", [2, 4, 6, 8]), ("1,3", [1, 3]),
                                           ("2", [2])])
 def test_concurrency_ranges(text, levels):
@@ -137,6 +150,10 @@ def test_summary_ratios_against_targets():
     assert ratios["gateway_added_p50_ms_c1"]["value"] == pytest.approx(4.0)
     assert not ratios["gateway_added_p50_ms_c1"]["met"]  # 4 ms > 3 ms
     assert ratios["gateway_added_p50_ms_c1"]["paired_value"] == 6.5
+    # Within the target by the sweeps (2 ms) but not paired (6.5 ms): not met.
+    close = report.summarize(references, triton, _gateway_doc({1: (14.0, 64.0), 2: (22.5, 88.0)}))
+    assert close["ratios"]["gateway_added_p50_ms_c1"]["value"] == pytest.approx(2.0)
+    assert not close["ratios"]["gateway_added_p50_ms_c1"]["met"]
     assert ratios["errors"] == {**ratios["errors"], "value": 0, "met": True}  # a skipped level is not an error
     assert summary["triton_unstable_levels"] == [4]
 
@@ -262,6 +279,11 @@ def test_three_layer_run_writes_summary_markdown_and_plots(tmp_path, triton, mod
     assert set(summary["layers"]) == {"in_process", "triton", "gateway", "gateway_alternative"}
     assert set(summary["transport_comparison"]["transports"]) == {"system", "off"}
     assert len(summary["layers"]["in_process"]["levels"]) == 2
+    # the ceiling (spinning off) is measured between the server levels; ORT's defaults once, up front
+    assert [piece["label"] for piece in json.loads((tmp_path / "reference-nospin.json").read_text())["slices"]] == [
+        "before c=1"]
+    assert [piece["label"] for piece in json.loads((tmp_path / "reference.json").read_text())["slices"]] == [""]
+    assert any(line.startswith("[") and "in-process slice before c=1:" in line for line in lines)
     assert {"triton_vs_in_process", "gateway_vs_triton", "gateway_added_p50_ms_c1", "errors"} <= set(summary["ratios"])
     for ratio in summary["ratios"].values():
         assert isinstance(ratio["met"], bool) and ratio["value"] is not None
