@@ -140,7 +140,9 @@ def fit_within(image: np.ndarray, max_side: int, full_size: tuple[int, int] | No
     else:
         factor = max_side / longest
         new_size = (max(1, round(width * factor)), max(1, round(height * factor)))
-        sent = cv2.resize(image, new_size, interpolation=shrink_interpolation(longest, max_side) if interpolation is None else interpolation)
+        if interpolation is None:
+            interpolation = shrink_interpolation(longest, max_side)
+        sent = cv2.resize(image, new_size, interpolation=interpolation)
     return ScaledImage(sent, sent.shape[1] / full_width, sent.shape[0] / full_height)
 
 

@@ -27,7 +27,8 @@ def parse_args(argv: Sequence[str] | None, defaults: Settings) -> argparse.Names
                         help=f"gateway port, 0 picks a free one (default {defaults.port})")
     parser.add_argument("--workers", type=int, default=defaults.workers)
     parser.add_argument("--threads", type=int, default=defaults.threads)
-    parser.add_argument("--triton-url", help="gRPC host:port of a running Triton to use instead of starting one")
+    parser.add_argument("--triton-url", help="gRPC host:port of a running Triton to use instead of starting one "
+                                             "(default: GATEWAY_TRITON_URL when it is set)")
     parser.add_argument("--triton-grpc-port", type=int, default=8001, help="embedded Triton's gRPC port (0: free)")
     parser.add_argument("--triton-http-port", type=int, default=8000, help="embedded Triton's HTTP port (0: free)")
     parser.add_argument("--triton-metrics-port", type=int, default=8002,
@@ -116,9 +117,12 @@ def _stop_gunicorn(process: subprocess.Popen, grace_s: float) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Start Triton (unless --triton-url), then gunicorn; serve until Ctrl-C / SIGTERM, then stop both cleanly."""
+    """Start Triton (unless --triton-url or GATEWAY_TRITON_URL names one), then gunicorn; serve until Ctrl-C /
+    SIGTERM, then stop both cleanly."""
     defaults = Settings.from_env()
     args = parse_args(argv, defaults)
+    if args.triton_url is None and "triton_url" in Settings.set_in():
+        args.triton_url = defaults.triton_url  # the caller named a Triton: use it, start none
     stop_requested = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop_requested.set())

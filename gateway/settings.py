@@ -75,6 +75,12 @@ class Settings:
                 values[field.name] = _coerce(field.name, field.type, raw)
         return replace(cls(**values), **overrides)
 
+    @classmethod
+    def set_in(cls, environ: Mapping[str, str] | None = None) -> frozenset[str]:
+        """The fields the environment (or `environ`) sets, so a launcher can tell a chosen value from a default."""
+        environ = os.environ if environ is None else environ
+        return frozenset(field.name for field in fields(cls) if environ.get(env_name(field.name)))
+
     def __post_init__(self):
         if self.triton_shared_memory not in SHARED_MEMORY_CHOICES:
             raise ValueError(f"{env_name('triton_shared_memory')}={self.triton_shared_memory!r} is not one of "

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import pytest
 import requests
@@ -16,13 +17,13 @@ pytestmark = pytest.mark.triton
 START_TIMEOUT_S = 120
 
 
-def test_serve_starts_both_and_ctrl_c_stops_both(model_repository):
-    port = free_port()
+@contextmanager
+def serving(port: int, *flags: str, env: dict | None = None):
+    """`python -m gateway.serve` up to its ready banner: yields (process, banner); killed if the test did not stop it."""
     command = [sys.executable, "-u", "-m", "gateway.serve", "--port", str(port), "--workers", "1", "--threads", "2",
-               "--triton-grpc-port", "0", "--triton-http-port", "0", "--triton-metrics-port", "0",
-               "--model-repository", str(model_repository)]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+               *flags]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
     output = []
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -30,7 +31,17 @@ def test_serve_starts_both_and_ctrl_c_stops_both(model_repository):
             output.append(line)
             if "Ctrl-C stops both" in line or time.monotonic() > deadline:
                 break
-        banner = "".join(output)
+        yield process, "".join(output)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_serve_starts_both_and_ctrl_c_stops_both(model_repository):
+    port = free_port()
+    with serving(port, "--triton-grpc-port", "0", "--triton-http-port", "0", "--triton-metrics-port", "0",
+                 "--model-repository", str(model_repository)) as (process, banner):
         assert f"web page  http://127.0.0.1:{port}/" in banner, banner
         assert f"metrics   http://127.0.0.1:{port}/metrics" in banner
         triton_grpc = re.search(r"triton    grpc (\S+)", banner).group(1)
@@ -38,15 +49,25 @@ def test_serve_starts_both_and_ctrl_c_stops_both(model_repository):
 
         process.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
         rest, _ = process.communicate(timeout=90)
-        output.append(rest)
-        assert process.returncode == 0, "".join(output)
+        assert process.returncode == 0, banner + rest
         assert "gateway stopped (exit code 0)" in rest and "tritonserver stopped (exit code 0)" in rest
         with pytest.raises(requests.ConnectionError):
             requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+
+
+def test_serve_uses_the_triton_that_gateway_triton_url_names(gateway_stack):
+    """With GATEWAY_TRITON_URL set, `make run` fronts that Triton and starts none of its own."""
+    triton, port = gateway_stack.triton, free_port()
+    environment = {**os.environ, "GATEWAY_TRITON_URL": triton.grpc_url, "GATEWAY_TRITON_METRICS_URL": triton.metrics_url}
+    with serving(port, env=environment) as (process, banner):
+        assert "starting tritonserver" not in banner, banner
+        assert f"triton    grpc {triton.grpc_url}" in banner, banner
+        ready = requests.get(f"http://127.0.0.1:{port}/readyz", timeout=10)
+        assert ready.status_code == 200 and ready.json()["triton"] == triton.grpc_url
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=60)
+        assert process.returncode == 0 and "tritonserver stopped" not in rest, rest
+        assert triton.running  # the Triton it was pointed at is not its to stop
 
 
 def test_every_gateway_setting_reaches_the_workers(monkeypatch):

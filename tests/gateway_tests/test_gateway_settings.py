@@ -30,3 +30,9 @@ def test_a_malformed_value_names_its_variable():
 def test_explicit_overrides_win():
     assert Settings.from_env({"GATEWAY_PORT": "9000"}, port=9100).port == 9100
     assert env_name("prometheus_multiproc_dir") == "PROMETHEUS_MULTIPROC_DIR"
+
+
+def test_set_in_names_only_what_the_environment_chooses():
+    environ = {"GATEWAY_TRITON_URL": "triton:8001", "GATEWAY_MAX_SIDE": "", "OTEL_SERVICE_NAME": "cams"}
+    assert Settings.set_in(environ) == {"triton_url", "service_name"}  # an empty variable means the default
+    assert Settings.set_in({}) == frozenset()
