@@ -9,6 +9,7 @@ first registration says so and the worker sends pixels inline from then on.
 from __future__ import annotations
 
 import glob
+import itertools
 import logging
 import os
 import secrets
@@ -83,7 +84,9 @@ class RegionPool:
         self.available = True  # False once Triton has said it cannot map our regions
         self._lock = threading.Lock()
         self._free: list[Region] = []
-        self._all: list[Region] = []
+        self._all: list[Region] = []  # registered by their creator; what register_again registers again
+        self._creating = 0  # regions being created and registered now (counted against the limit)
+        self._serial = itertools.count()  # a name is never reused, even after a failed registration
         self._swept = False
 
     def fits(self, array: np.ndarray) -> bool:
@@ -104,18 +107,27 @@ class RegionPool:
         with self._lock:
             if self._free:
                 return self._free.pop()
-            if len(self._all) >= MAX_REGIONS_PER_WORKER:
+            if len(self._all) + self._creating >= MAX_REGIONS_PER_WORKER:
                 return None
-            region = Region(f"{self.prefix}{len(self._all)}", self.byte_size)
-            self._all.append(region)
+            self._creating += 1
+            name = f"{self.prefix}{next(self._serial)}"
+        # A region joins the pool only once registered: until then a concurrent register_again (Triton restarted)
+        # must not register it, or this registration would fail as a duplicate.
+        region = None
         try:
+            region = Region(name, self.byte_size)
             self._register(region)
         except BaseException:
-            with self._lock:
-                self._all.remove(region)
-            region.destroy()
+            if region is not None:
+                region.destroy()
             raise
-        return region
+        else:
+            with self._lock:
+                self._all.append(region)
+            return region
+        finally:
+            with self._lock:
+                self._creating -= 1
 
     def _register(self, region: Region) -> None:
         try:

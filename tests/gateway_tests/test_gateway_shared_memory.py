@@ -31,6 +31,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import SpanKind
 
+from gateway import shared_memory
 from gateway.settings import Settings
 from gateway.shared_memory import (MAX_REGION_BYTES, SHM_DIR, region_bytes, registered_regions,
                                    remove_region_files, worker_prefix)
@@ -233,6 +234,40 @@ def test_regions_triton_forgot_are_registered_again(triton_url, inline_detector,
     finally:
         detector.close()
     assert registered(triton_url, prefix) == {}
+
+
+@live
+def test_a_region_being_created_while_another_thread_registers_again_is_kept(triton_url, inline_detector,
+                                                                            real_images, monkeypatch):
+    """A new region's registration racing a re-registration after a Triton restart (seen in CI: a duplicate
+    registration, the region destroyed, its name reused and a 500). The race is made deterministic by wrapping
+    the real Region.register so another thread's register_again runs first; both calls reach the real Triton."""
+    image = real_images["grace_hopper"]
+    detector = TritonDetector(Settings(triton_url=triton_url))
+    pool = detector._regions
+    real_register = shared_memory.Region.register
+    interleaved = []
+
+    def register_during_a_restart(region, client):
+        if not interleaved:  # once, before the new region's own registration
+            interleaved.append(region.name)
+            pool.register_again()  # what a thread that just got "unable to find shared memory region" does
+        real_register(region, client)
+
+    try:
+        with pool.lease() as first:
+            monkeypatch.setattr(shared_memory.Region, "register", register_during_a_restart)
+            with pool.lease() as second:
+                assert second is not None and second.name != first.name
+            monkeypatch.undo()
+        assert interleaved == [second.name]
+        assert set(registered(triton_url, pool.prefix)) == {first.name, second.name}
+        with pool.lease() as again, pool.lease() as other:  # both back in the pool, neither destroyed
+            assert {again.name, other.name} == {first.name, second.name}
+        assert_same_detections(detector.detect(image), inline_detector.detect(image))
+    finally:
+        detector.close()
+    assert registered(triton_url, pool.prefix) == {} and region_files(pool.prefix) == []
 
 
 @live
