@@ -25,6 +25,9 @@ TRANSPORT_FAILURE_HINTS = ("failed to connect", "connection refused", "socket cl
                            "connect failed", "unreachable", "dns resolution", "broken pipe", "end of tcp stream",
                            "goaway", "keepalive watchdog")
 MODEL_MISSING_HINTS = ("unknown model", "no available versions", "is not ready", "not found")
+# Triton shutting down (or a composing model already gone) turns requests away with these, as UNAVAILABLE or, from
+# inside a BLS call, INTERNAL: a restart to wait out (503), not a full queue (429) nor a fault (502).
+SHUTTING_DOWN_HINTS = ("server is stopping", "stopped accepting", "server not ready")
 INPUT_NAME = "IMAGE"
 # The CLIENT span's attribute saying how the pixels travelled: "system_shared_memory" or "grpc" (inline).
 TRANSPORT_ATTRIBUTE = "triton.input.transport"
@@ -58,13 +61,17 @@ def _status_name(error: InferenceServerException) -> str:
 
 
 def translate_error(error: InferenceServerException, settings: Settings) -> ApiError:
-    """Classify a Triton/gRPC failure: down (503), model missing (503), busy (429), slow (504), refused (422)."""
+    """Classify a Triton/gRPC failure: down (503), model missing or Triton stopping (503), busy (429), slow (504),
+    refused (422)."""
     status, detail = _status_name(error), (error.message() or "")
     lowered = detail.lower()
     if status == "DEADLINE_EXCEEDED":
         return TritonTimeout(f"Triton did not answer within {settings.triton_timeout_s:g} s")
     if status == "UNAVAILABLE" and any(hint in lowered for hint in TRANSPORT_FAILURE_HINTS):
         return TritonUnreachable("the Triton inference server is unreachable; retry later")
+    if status == "CANCELLED" or any(hint in lowered for hint in SHUTTING_DOWN_HINTS):  # Triton cancels on shutdown
+        return ModelNotReady(f"model {settings.model_name!r} is not ready: the Triton inference server is shutting "
+                             "down or restarting; retry later")
     if status == "NOT_FOUND" or any(hint in lowered for hint in MODEL_MISSING_HINTS):
         return ModelNotReady(f"model {settings.model_name!r} is not ready on the Triton server; retry later")
     if status in ("UNAVAILABLE", "RESOURCE_EXHAUSTED"):

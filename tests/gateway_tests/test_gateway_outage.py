@@ -1,4 +1,5 @@
 """Triton going away and coming back on the same ports: 503 + Retry-After meanwhile, recovery without a restart."""
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -41,14 +42,52 @@ def test_gateway_reports_outage_and_recovers(gateway_stack, hopper_jpeg):
     finally:
         gateway_stack.start_triton(same_ports_as=stopped)
 
+    wait_until_ready_again(url)
+    for _ in range(4):
+        assert detect(url, hopper_jpeg).status_code == 200
+    assert gateway_stack.gunicorn.pid == gunicorn_pid and gateway_stack.gunicorn.poll() is None
+
+
+def wait_until_ready_again(url):
     started, consecutive = time.monotonic(), 0
     while consecutive < 6:  # several in a row, so every worker has found Triton again
         consecutive = consecutive + 1 if ready(url).status_code == 200 else 0
         assert time.monotonic() - started < RECOVERY_TIMEOUT_S, "gateway did not see Triton come back"
         time.sleep(0.1)
-    for _ in range(4):
-        assert detect(url, hopper_jpeg).status_code == 200
-    assert gateway_stack.gunicorn.pid == gunicorn_pid and gateway_stack.gunicorn.poll() is None
+
+
+def test_triton_stopping_under_load_is_503_not_busy_nor_a_fault(gateway_stack, hopper_jpeg):
+    """Eight clients keep sending while Triton shuts down gracefully: requests it turns away ("Server is
+    stopping", a BLS call finding the server not ready, a cancelled call) are 503 with Retry-After, like Triton
+    being gone, never 429 (busy), 502 or 500."""
+    url, stopping = gateway_stack.url, threading.Event()
+    answers: list[requests.Response] = []
+
+    def client():
+        with requests.Session() as session:
+            while not stopping.is_set():
+                answers.append(session.post(url + "/v1/detect", data=hopper_jpeg,
+                                            headers={"Content-Type": "image/jpeg"}, timeout=60))
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        running = [pool.submit(client) for _ in range(8)]
+        time.sleep(1.0)
+        stopped = gateway_stack.stop_triton()
+        time.sleep(0.5)
+        stopping.set()
+        for future in running:
+            future.result()
+    try:
+        statuses = {answer.status_code for answer in answers}
+        assert statuses <= {200, 503}, [(a.status_code, a.text) for a in answers if a.status_code not in (200, 503)]
+        refused = [answer for answer in answers if answer.status_code == 503]
+        assert refused and 200 in statuses  # served before the stop, turned away during it
+        assert all(int(answer.headers["Retry-After"]) > 0 for answer in refused)
+        assert {answer.json()["error"]["code"] for answer in refused} <= {"triton_unreachable", "model_not_ready"}
+    finally:
+        gateway_stack.start_triton(same_ports_as=stopped)
+    wait_until_ready_again(url)
+    assert detect(url, hopper_jpeg).status_code == 200
 
 
 def test_a_missed_deadline_is_a_timeout(gateway_stack, real_images):

@@ -25,6 +25,12 @@ from gateway.triton_client import translate_error
     ("StatusCode.NOT_FOUND", "Request for unknown model: 'mask_detection' is not found", ModelNotReady, 503),
     ("StatusCode.UNAVAILABLE", "Request for unknown model: 'mask_detection' has no available versions",
      ModelNotReady, 503),
+    # Triton 2.51 shutting down under load (seen over gRPC, word for word): a restart to wait out, not a full queue
+    ("StatusCode.UNAVAILABLE", "in ensemble 'mask_detection', [request id: <id_unknown>] Server is stopping, "
+     "scheduler for model has stopped accepting new inference requests", ModelNotReady, 503),
+    ("StatusCode.INTERNAL", "in ensemble 'mask_detection', RuntimeError: mask_classifier: Model mask_classifier - "
+     "Error when running inference: Server not ready", ModelNotReady, 503),
+    ("StatusCode.CANCELLED", "CANCELLED", ModelNotReady, 503),
     ("StatusCode.INVALID_ARGUMENT", "unexpected shape for input 'IMAGE'", InferenceRejected, 422),
     ("StatusCode.INTERNAL", "TritonModelException: boom", UpstreamError, 502),
     (None, "client-side validation failed", UpstreamError, 502),
