@@ -140,8 +140,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         port = args.port or free_port(args.host)
         settings = replace(defaults, host=args.host, port=port, workers=args.workers, threads=args.threads,
                            triton_url=triton_url, triton_metrics_url=triton_metrics_url)
-        # Its own session: Ctrl-C reaches only us, and we stop gunicorn gracefully with SIGTERM.
-        gunicorn = subprocess.Popen(gunicorn_command(), env=gateway_environment(settings), start_new_session=True)
+        # Its own session: Ctrl-C reaches only us, and we stop gunicorn gracefully with SIGTERM. Should we be
+        # killed outright, the kernel sends it SIGTERM (as the launcher does for Triton): nothing is left serving.
+        from ensemble.triton.launcher import terminate_with_parent
+
+        gunicorn = subprocess.Popen(gunicorn_command(), env=gateway_environment(settings), start_new_session=True,
+                                    preexec_fn=terminate_with_parent)
         base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{port}"
         _wait_for_gateway(base, gunicorn, GATEWAY_START_TIMEOUT_S)
         print(f"\ngateway ready ({settings.workers} workers x {settings.threads} threads)\n"

@@ -162,7 +162,7 @@ class TritonServer:
             self._log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self._log_path, "wb") as log:
                 self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                 start_new_session=True, preexec_fn=_terminate_with_parent)
+                                                 start_new_session=True, preexec_fn=terminate_with_parent)
             self._wait_until_ready()
         except BaseException:
             self.stop(grace=5)
@@ -272,8 +272,8 @@ class TritonServer:
         return f"tritonserver {what}{where}; last lines:\n{tail}"
 
 
-def _terminate_with_parent() -> None:
-    """In the child before exec: SIGTERM when the starting thread dies, so a killed test run leaves no server."""
+def terminate_with_parent() -> None:
+    """A Popen preexec_fn: SIGTERM when the starting thread dies, so a killed launcher or test run leaves no server."""
     if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 

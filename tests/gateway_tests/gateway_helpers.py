@@ -21,7 +21,7 @@ import numpy as np
 import requests
 
 from ensemble.ssd import pairwise_iou
-from ensemble.triton.launcher import TraceSettings, TritonServer
+from ensemble.triton.launcher import TraceSettings, TritonServer, terminate_with_parent
 from gateway.serve import free_port, gunicorn_command  # free_port: the tests import it from here
 
 EXIF_ORIENTATION_TAG = 0x0112
@@ -125,7 +125,8 @@ class Gunicorn:
     def start(self, ready_path: str = "/readyz") -> "Gunicorn":
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(gunicorn_command(), cwd=REPO_ROOT, env=self.env, stdout=self._log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+                                        stderr=subprocess.STDOUT, start_new_session=True,
+                                        preexec_fn=terminate_with_parent)  # a killed test run leaves no gateway
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             assert self.process.poll() is None, f"gunicorn exited; see {self.log_path}"

@@ -70,6 +70,26 @@ def test_serve_uses_the_triton_that_gateway_triton_url_names(gateway_stack):
         assert triton.running  # the Triton it was pointed at is not its to stop
 
 
+def test_serve_killed_outright_leaves_no_gateway_behind(gateway_stack):
+    """SIGKILL gives serve no chance to stop gunicorn (its own session): the kernel's parent-death signal does."""
+    triton, port = gateway_stack.triton, free_port()
+    environment = {**os.environ, "GATEWAY_TRITON_URL": triton.grpc_url, "GATEWAY_TRITON_METRICS_URL": triton.metrics_url}
+    with serving(port, env=environment) as (process, banner):
+        assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200, banner
+        process.kill()  # serve alone, not its children's sessions
+        process.wait()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+            except requests.ConnectionError:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("gunicorn kept serving after serve was killed")
+    assert triton.running  # the Triton it was pointed at is not its to stop
+
+
 def test_every_gateway_setting_reaches_the_workers(monkeypatch):
     """gunicorn's workers rebuild Settings from the environment: what serve (or the benchmark) chose must survive."""
     from dataclasses import fields, replace
