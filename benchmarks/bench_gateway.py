@@ -342,8 +342,13 @@ def level_result(concurrency: int, raw: dict, server_models: dict, cpu_s: dict |
 TRANSPORT_LABELS = {"system": "shm", "off": "inline"}  # how the pixels reach Triton, as progress lines say it
 
 
+def gateway_label(transport: str = "") -> str:
+    """`gateway[shm]`, `gateway[inline]`: the gateway named in progress lines with how its pixels reach Triton."""
+    return f"gateway[{TRANSPORT_LABELS.get(transport, transport)}]" if transport else "gateway"
+
+
 def level_line(level: dict, transport: str = "") -> str:
-    name = f"gateway[{TRANSPORT_LABELS.get(transport, transport)}]" if transport else "gateway"
+    name = gateway_label(transport)
     if not level.get("ok") and "p50_ms" not in level:
         return f"{name} c={level['concurrency']}: no result ({level.get('skipped') or level.get('error')})"
     ensemble = level["server_models"].get(ENSEMBLE, {})
@@ -476,7 +481,7 @@ class GatewaySweep:
 
     @property
     def label(self) -> str:
-        return f"gateway[{TRANSPORT_LABELS.get(self.transport, self.transport)}]"
+        return gateway_label(self.transport)
 
 
 def gateway_regions(grpc_url: str, pids: Sequence[int]) -> list[str]:

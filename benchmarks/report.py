@@ -35,6 +35,10 @@ LABELS = {"in_process": "in-process (ONNX Runtime)", "triton": "Triton direct (p
 TRANSPORTS = {"system": "shared memory", "off": "pixels in gRPC"}  # GATEWAY_TRITON_SHARED_MEMORY, in words
 
 
+def _in_words(transport: str) -> str:
+    return TRANSPORTS.get(transport, transport)
+
+
 def _ms(us: float | None) -> float | None:
     return None if us is None else round(us / 1e3, 2)
 
@@ -111,7 +115,7 @@ def gateway_layer(gateway: dict) -> dict | None:
 def _transport_words(name: str, layer: dict) -> str | None:
     """How a gateway layer's pixels reached Triton, in words ("shared memory"); None for the other layers."""
     transport = layer.get("transport") if name in GATEWAY_LAYERS else None
-    return TRANSPORTS.get(transport, transport) if transport else None
+    return _in_words(transport) if transport else None
 
 
 def layer_label(name: str, layer: dict) -> str:
@@ -157,7 +161,7 @@ def _level(layer: dict | None, concurrency: int) -> dict | None:
 
 def ratios(layers: dict) -> dict:
     """The three headline ratios and the error count, each with its target and whether it is met."""
-    in_process, triton, gateway = (layers.get(name) for name in LAYERS[:3])
+    in_process, triton, gateway = (layers.get(name) for name in ("in_process", "triton", "gateway"))
     out = {}
     if triton and triton["best"]:
         value = triton["best"]["throughput"] / in_process["best"]["throughput"]
@@ -294,12 +298,12 @@ def transport_line(summary: dict) -> list[str]:
     parts = []
     for transport, entry in comparison["transports"].items():
         default = " (default)" if transport == comparison["default"] else ""
-        parts.append(f"{TRANSPORTS.get(transport, transport)}{default}: "
+        parts.append(f"{_in_words(transport)}{default}: "
                      f"best {entry['best_throughput']:.1f}/s at c={entry['best_concurrency']}, c=1 p50 "
                      f"{_fmt(entry['p50_ms_c1'])} ms, paired added p50 {_fmt(entry['paired_added_p50_ms_c1'])} ms, "
                      f"gateway CPU {_fmt(entry['gateway_cpu_ms_per_request'])} ms/request")
     return [f"gateway transports: {'; '.join(parts)} — default/other throughput {comparison['throughput_ratio']}, "
-            f"faster: {TRANSPORTS.get(comparison['faster'], comparison['faster'])}"]
+            f"faster: {_in_words(comparison['faster'])}"]
 
 
 def console_table(summary: dict) -> str:
@@ -365,12 +369,12 @@ def markdown(summary: dict, plots: Sequence[str] = ()) -> str:
                 "| transport | best per s (c) | c=1 p50 ms | paired added p50 ms | gateway cpu ms/request |",
                 "|---|---|---|---|---|"]
         for transport, entry in comparison["transports"].items():
-            name = TRANSPORTS.get(transport, transport) + (" (default)" if transport == comparison["default"] else "")
+            name = _in_words(transport) + (" (default)" if transport == comparison["default"] else "")
             out.append(f"| {name} | {_fmt(entry['best_throughput'])} ({entry['best_concurrency']}) | "
                        f"{_fmt(entry['p50_ms_c1'])} | {_fmt(entry['paired_added_p50_ms_c1'], 2)} | "
                        f"{_fmt(entry['gateway_cpu_ms_per_request'])} |")
         out += ["", f"Default ÷ other best throughput: {comparison['throughput_ratio']}; faster here: "
-                    f"{TRANSPORTS.get(comparison['faster'], comparison['faster'])}. `gateway cpu`: gunicorn's CPU "
+                    f"{_in_words(comparison['faster'])}. `gateway cpu`: gunicorn's CPU "
                     "per request, the mean over the levels."]
     if plots:
         out += ["", "## Plots", ""] + [f"![{Path(plot).stem}]({Path(plot).name})" for plot in plots]

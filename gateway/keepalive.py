@@ -14,18 +14,17 @@ from gateway.settings import Settings
 CHUNK_BYTES = 64 * 1024
 
 
-def drain_request_body(limit_bytes: int) -> bool:
-    """Discard the unread rest of this request's body (at most `limit_bytes`); whether it was all read."""
+def drain_request_body(limit_bytes: int) -> None:
+    """Discard the unread rest of this request's body, unless it is (or turns out) larger than `limit_bytes`."""
     declared = request.content_length
     if declared is not None and declared > limit_bytes:
-        return False
+        return
     stream, drained = request.environ["wsgi.input"], 0
     while drained <= limit_bytes:
         chunk = stream.read(CHUNK_BYTES)
         if not chunk:
-            return True
+            return
         drained += len(chunk)
-    return False
 
 
 def register_body_drain(app: Flask, settings: Settings) -> None:

@@ -113,15 +113,13 @@ class RegionPool:
             name = f"{self.prefix}{next(self._serial)}"
         # A region joins the pool only once registered: until then a concurrent register_again (Triton restarted)
         # must not register it, or this registration would fail as a duplicate.
-        region = None
         try:
             region = Region(name, self.byte_size)
-            self._register(region)
-        except BaseException:
-            if region is not None:
+            try:
+                self._register(region)
+            except BaseException:
                 region.destroy()
-            raise
-        else:
+                raise
             with self._lock:
                 self._all.append(region)
             return region
