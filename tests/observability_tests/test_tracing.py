@@ -65,8 +65,8 @@ def _complete_trace(request_id):
 def _traced_request(otlp_receiver, http, url, jpeg, marker: bool = False, **headers):
     """A request whose whole trace (gateway and Triton) arrived, and every span received meanwhile.
 
-    Triton 2.51's gRPC frontend ignores the traceparent of a few percent of requests (seen here: 3 of 40
-    over gRPC, 0 of 40 over HTTP, same server and receiver; docs/observability.md): such a request has its
+    Triton's gRPC frontend reads the traceparent past its end (a metadata value taken as a C string;
+    docs/observability.md), so a few percent of requests (4-7 of 80 here, 0 of 80 over HTTP) have their
     gateway spans and no Triton span. Up to TRACE_ATTEMPTS requests are made to get one complete trace.
     """
     misses = []
