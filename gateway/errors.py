@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from flask import Flask, current_app, g, jsonify, request
-from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, HTTPException, InternalServerError, RequestEntityTooLarge
+
+from gateway.client_timeout import read_timed_out, stop_reading
 
 
 class ApiError(Exception):
@@ -59,6 +61,10 @@ class InvalidParameter(RequestError):
     code = "invalid_parameter"
 
 
+class ClientTimeout(RequestError):
+    code = "client_timeout"
+
+
 class ParameterOutOfRange(RequestError):
     code = "parameter_out_of_range"
 
@@ -94,6 +100,7 @@ HTTP_STATUS: dict[type[ApiError], int] = {
     InvalidImage: 400,
     InvalidParameter: 400,
     UnsupportedMediaType: 415,
+    ClientTimeout: 408,
     PayloadTooLarge: 413,
     ImageTooLarge: 413,
     ParameterOutOfRange: 422,
@@ -158,6 +165,14 @@ def register_error_handlers(app: Flask) -> None:
     def _http_error(error: HTTPException):
         code = (error.name or "error").lower().replace(" ", "_")
         return error_response(error.code or 500, code, error.description or error.name)
+
+    @app.errorhandler(ClientDisconnected)
+    def _body_stopped(error: ClientDisconnected):
+        stop_reading(request.environ)
+        if read_timed_out(error):
+            timeout_s = current_app.config["SETTINGS"].client_timeout_s
+            return _api_error(ClientTimeout(f"the request body stopped arriving: nothing came for {timeout_s:g} s"))
+        return _http_error(error)
 
     # An exception no handler above knows escapes the view: Flask logs it with its traceback (through the
     # `gateway` logger, i.e. with the request id), hands it to teardown (where prometheus-flask-exporter

@@ -48,6 +48,15 @@ def on_starting(server):
     remove_exemplar_files(_prometheus_dir)
 
 
+def when_ready(server):
+    """Give every client connection a read timeout, inherited from the listening sockets (gateway/client_timeout.py)."""
+    from gateway.client_timeout import ReadTimeoutLogFilter, set_read_timeout
+
+    for listener in server.LISTENERS:
+        set_read_timeout(listener.sock, _settings.client_timeout_s)
+    server.log.error_log.addFilter(ReadTimeoutLogFilter(_settings.client_timeout_s))
+
+
 def post_fork(server, worker):
     """Create this worker's TracerProvider and its one Triton client, reused by all its threads."""
     from gateway.tracing import setup_tracing

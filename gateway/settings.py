@@ -28,6 +28,7 @@ class Settings:
     worker_timeout_s: int = 60  # gunicorn kills a worker silent this long
     graceful_timeout_s: int = 20  # in-flight requests get this long after SIGTERM
     keepalive_s: int = 5  # idle keep-alive connections are closed after this
+    client_timeout_s: float = 30.0  # a client that sends nothing for this long mid-request is cut off (408); 0: never
 
     # --- Triton ---
     triton_url: str = "127.0.0.1:8001"  # gRPC host:port of tritonserver

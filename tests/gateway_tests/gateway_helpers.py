@@ -97,6 +97,21 @@ def json_shape(value):
     return type(value).__name__
 
 
+def schema_validator(document, name):
+    """A validator for the OpenAPI document's component schema `name`."""
+    from openapi_schema_validator import OAS31Validator
+
+    return OAS31Validator({"$ref": f"#/components/schemas/{name}", "components": document["components"]})
+
+
+def documented_examples(document, path, status, media="application/json"):
+    """The example bodies the OpenAPI document gives for `path` answering `status`."""
+    response = document["paths"][path]["post" if path.startswith("/v1") else "get"]["responses"][status]
+    if "$ref" in response:
+        response = document["components"]["responses"][response["$ref"].rsplit("/", 1)[-1]]
+    return [example["value"] for example in response["content"][media]["examples"].values()]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Real servers
 class RestartedTritonServer(TritonServer):

@@ -2,11 +2,11 @@
 import cv2
 import numpy as np
 import pytest
-from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import validate as validate_spec
 
 from gateway.openapi import openapi_document
-from gateway_helpers import assert_matches_reference, encode, jpeg_with_orientation, json_shape, matched_iou
+from gateway_helpers import (assert_matches_reference, documented_examples, encode, jpeg_with_orientation, json_shape,
+                             matched_iou, schema_validator)
 
 pytestmark = pytest.mark.triton
 
@@ -114,17 +114,6 @@ def test_probes_page_and_metrics(gateway_url, http):
 
 
 # --- the OpenAPI document ---
-
-def schema_validator(document, name):
-    return OAS31Validator({"$ref": f"#/components/schemas/{name}", "components": document["components"]})
-
-
-def documented_examples(document, path, status, media="application/json"):
-    response = document["paths"][path]["post" if path.startswith("/v1") else "get"]["responses"][status]
-    if "$ref" in response:
-        response = document["components"]["responses"][response["$ref"].rsplit("/", 1)[-1]]
-    return [example["value"] for example in response["content"][media]["examples"].values()]
-
 
 def test_openapi_document_is_valid_and_served(gateway_url, http):
     document = openapi_document()
