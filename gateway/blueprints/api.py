@@ -51,6 +51,25 @@ def _read_part(part: FileStorage, max_bytes: int) -> bytes:
     return data
 
 
+def _read_unsized_body(max_bytes: int) -> bytes:
+    """A body sent without Content-Length (chunked), read to one byte past the limit to tell "too large" from "whole".
+
+    werkzeug's own limit stops reading at `max_content_length` bytes and hands over what it has: an upload cut
+    short that way would be judged as a truncated image instead of a 413.
+    """
+    request.max_content_length = max_bytes + 1
+    stream, chunks, size = request.stream, [], 0
+    while size <= max_bytes:
+        chunk = stream.read(max_bytes + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > max_bytes:
+        raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
+    return b"".join(chunks)
+
+
 def _single_upload() -> bytes:
     """The one image of /v1/detect: the raw body, or the multipart field `image`."""
     max_bytes = settings().max_body_bytes
@@ -62,8 +81,11 @@ def _single_upload() -> bytes:
         return _read_part(part, max_bytes)
     if request.mimetype not in IMAGE_TYPES:
         raise _unsupported(request.mimetype)
-    request.max_content_length = max_bytes
-    data = request.get_data(cache=False)
+    if request.content_length is None:
+        data = _read_unsized_body(max_bytes)
+    else:
+        request.max_content_length = max_bytes
+        data = request.get_data(cache=False)
     if not data:
         raise EmptyBody("the request body is empty; send the image bytes")
     return data

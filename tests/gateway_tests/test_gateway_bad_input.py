@@ -62,6 +62,33 @@ def test_oversized_body(gateway_url, http):
     assert_error(post(http, gateway_url, b"\xff" * (TEN_MIB + 1)), 413, "payload_too_large", str(TEN_MIB))
 
 
+def _chunks(data: bytes, size: int = 256 * 1024):
+    """A generator body: requests sends it with Transfer-Encoding: chunked and no Content-Length."""
+    return (data[offset:offset + size] for offset in range(0, len(data), size))
+
+
+def _padded_jpeg(jpeg: bytes, total: int) -> bytes:
+    """The same whole JPEG grown to `total` bytes with zeros before its end-of-image marker (decoders skip them)."""
+    return jpeg[:-2] + b"\x00" * (total - len(jpeg)) + jpeg[-2:]
+
+
+def test_chunked_upload_over_the_limit_is_413_not_a_truncated_image(gateway_url, http, hopper_jpeg):
+    """Without a Content-Length the size is known only by reading; a whole JPEG one byte too large is a 413."""
+    too_large = _padded_jpeg(hopper_jpeg, TEN_MIB + 1)
+    response = http.post(gateway_url + "/v1/detect", data=_chunks(too_large), headers={"Content-Type": "image/jpeg"},
+                         timeout=60)
+    assert response.request.headers.get("Transfer-Encoding") == "chunked"
+    assert_error(response, 413, "payload_too_large", str(TEN_MIB))
+
+
+def test_chunked_upload_of_exactly_the_limit_is_served(gateway_url, http, hopper_jpeg):
+    response = http.post(gateway_url + "/v1/detect", data=_chunks(_padded_jpeg(hopper_jpeg, TEN_MIB)),
+                         headers={"Content-Type": "image/jpeg"}, timeout=60)
+    assert response.request.headers.get("Transfer-Encoding") == "chunked"
+    assert response.status_code == 200, response.text
+    assert len(response.json()["detections"]) == 1
+
+
 def test_oversized_multipart_image(gateway_url, http):
     response = http.post(gateway_url + "/v1/detect", files={"image": ("big.jpg", b"\xff" * (TEN_MIB + 1))})
     assert_error(response, 413, "payload_too_large")
