@@ -1,4 +1,5 @@
 """TritonServer and its CLI: start, stop, and errors that name their cause."""
+import os
 import signal
 import socket
 import subprocess
@@ -8,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from ensemble.triton.launcher import TraceSettings, TritonServer, TritonStartError
+from ensemble.triton.launcher import TraceSettings, TritonServer, TritonStartError, python_backend_regions
 from triton_helpers import write_echo_model, write_model
 
 pytestmark = pytest.mark.triton
@@ -101,6 +102,32 @@ def test_restart_on_the_same_ports(echo_repository):
         assert urllib.request.urlopen(f"{server.http_url}/v2/health/ready", timeout=5).status == 200
     with server:  # the old connections may linger in TIME_WAIT; tritonserver, and the port check, accept that
         assert server.ports == ports
+
+
+def group_is_gone(group: int, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_stop_after_tritonserver_was_killed_leaves_no_stub_nor_shared_memory(echo_repository):
+    """A tritonserver SIGKILLed (as the OOM killer does) leaves its Python-backend stubs and their /dev/shm pools."""
+    server = TritonServer(echo_repository)
+    server.start()
+    group = server._process.pid
+    regions = python_backend_regions(group)
+    assert regions and all(region.exists() for region in regions)
+    os.kill(group, signal.SIGKILL)
+    server._process.wait()
+    assert all(region.exists() for region in regions)  # what Triton itself leaves after such a death
+    server.stop()
+    assert not [region for region in regions if region.exists()]
+    assert group_is_gone(group, within_s=20)  # the stubs were killed with the group (init reaps them)
 
 
 def test_server_goes_when_its_starter_is_killed(echo_repository, tmp_path):

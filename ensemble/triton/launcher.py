@@ -28,6 +28,8 @@ CANONICAL_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 STOP_GRACE_S = 40.0  # Triton itself waits up to 30 s (--exit-timeout-secs) for in-flight requests
 LOG_TAIL_LINES = 40
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+SHARED_MEMORY_DIR = Path("/dev/shm")
+PYTHON_BACKEND_REGION_PREFIX = "triton_python_backend_shm_region_"  # how the Python backend names its /dev/shm pools
 FAILED_LOAD = re.compile(r"failed to load '(?P<model>[^']+)' version \d+: (?P<reason>.*?)\"?$")
 
 
@@ -170,10 +172,15 @@ class TritonServer:
         self.startup_s = time.monotonic() - began
 
     def stop(self, grace: float = STOP_GRACE_S) -> int | None:
-        """SIGTERM, SIGKILL after `grace` seconds; returns tritonserver's exit code (None if never started)."""
+        """SIGTERM, SIGKILL after `grace` seconds; returns tritonserver's exit code (None if never started).
+
+        Also removes what a tritonserver that died without cleaning up (SIGKILL, the OOM killer) leaves behind:
+        its Python-backend stubs (killed with the process group) and their shared-memory pools in /dev/shm.
+        """
         process, self._process = self._process, None
         code = None
         if process is not None:
+            regions = python_backend_regions(process.pid)
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
             try:
@@ -187,6 +194,8 @@ class TritonServer:
                 pass
             if code is None:
                 code = process.wait()
+            for region in regions:  # a clean exit has removed them already
+                region.unlink(missing_ok=True)
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
@@ -270,6 +279,20 @@ class TritonServer:
             return f"tritonserver {what}: {reasons}{where}"
         tail = "\n".join(lines[-LOG_TAIL_LINES:])
         return f"tritonserver {what}{where}; last lines:\n{tail}"
+
+
+def python_backend_regions(process_group: int) -> list[Path]:
+    """The /dev/shm pools named on the command lines of the Python-backend stubs in `process_group`."""
+    regions = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            group = int(stat.read_text().rsplit(")", 1)[1].split()[2])  # after "pid (comm)": state, ppid, pgrp
+            arguments = (stat.parent / "cmdline").read_bytes().split(b"\0") if group == process_group else []
+        except (OSError, IndexError, ValueError):  # the process ended meanwhile
+            continue
+        regions += [SHARED_MEMORY_DIR / name.decode() for name in arguments
+                    if name.startswith(PYTHON_BACKEND_REGION_PREFIX.encode())]
+    return regions
 
 
 def terminate_with_parent() -> None:
