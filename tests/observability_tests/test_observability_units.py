@@ -163,11 +163,25 @@ def _app(observed_stack, **settings):
 
 
 @pytest.mark.triton
+def _settled_inference_count(metrics_url: str) -> str:
+    """Triton's `mask_detection` count line once it stops moving: Triton counts a request just after answering it."""
+    previous = None
+    for _ in range(50):
+        line = next(line for line in requests.get(metrics_url, timeout=10).text.splitlines()
+                    if line.startswith('nv_inference_count{model="mask_detection"'))
+        if line == previous:
+            return line
+        previous = line
+        time.sleep(0.2)
+    raise AssertionError(f"Triton's inference count kept moving: {previous}")
+
+
 def test_app_metrics_merge_triton_and_count_requests_errors_and_images(observed_stack, hopper):
     jpeg, pixels, labelled = hopper
     client = _app(observed_stack, traces_sampler="always_on").test_client()
     assert client.post("/v1/detect", data=jpeg, headers={"Content-Type": "image/jpeg"}).status_code == 200
     assert client.post("/v1/detect", data=b"xx", headers={"Content-Type": "image/jpeg"}).status_code == 400
+    counted = _settled_inference_count(observed_stack.triton.metrics_url)
     text = client.get("/metrics").get_data(as_text=True)
     families = {f.name: f for f in parse_text(text)}
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
@@ -189,8 +203,6 @@ def test_app_metrics_merge_triton_and_count_requests_errors_and_images(observed_
             for key, stage in labels} == {"decode", "triton", "encode", "total"}
     assert samples[("gateway_stage_duration_seconds_count", (("stage", "total"),))] == 2  # the 400 too
     assert samples[("gateway_triton_metrics_up", ())] == 1
-    counted = next(line for line in requests.get(observed_stack.triton.metrics_url, timeout=10).text.splitlines()
-                   if line.startswith('nv_inference_count{model="mask_detection"'))
     assert counted + "\n" in text  # as Triton wrote it
     helps = [line.split()[2] for line in text.splitlines() if line.startswith("# HELP ")]
     assert len(helps) == len(set(helps))  # each family once, Triton's beside the gateway's
