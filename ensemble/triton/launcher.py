@@ -237,9 +237,12 @@ class TritonServer:
         return command + self.extra_args, env
 
     def _wait_until_ready(self) -> None:
-        """Poll /v2/health/ready; fail fast on an early exit or a model that could not load."""
+        """Poll /v2/health/ready, then the metrics endpoint; fail fast on an early exit or a model that could not load.
+
+        tritonserver starts its metrics service a few tens of milliseconds after the HTTP one reports ready.
+        """
         deadline = time.monotonic() + self.ready_timeout
-        while self._http_ok("/v2/health/ready") is None:
+        while self._http_ok("/v2/health/ready") is None or not self._metrics_ok():
             code = self._process.poll()
             if code is not None:
                 raise TritonStartError(self._failure_report(f"exited with code {code} before it was ready"))
@@ -250,6 +253,15 @@ class TritonServer:
             if time.monotonic() > deadline:
                 raise TritonStartError(self._failure_report(f"was not ready after {self.ready_timeout:.0f} s"))
             time.sleep(0.2)
+
+    def _metrics_ok(self) -> bool:
+        if "--allow-metrics=false" in self.extra_args:
+            return True
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
 
     def _http_ok(self, path: str, data: bytes | None = None) -> bytes | None:
         """The response body of a 200 from Triton's HTTP endpoint, None for anything else."""
