@@ -86,6 +86,9 @@ class Settings:
         if self.triton_shared_memory not in SHARED_MEMORY_CHOICES:
             raise ValueError(f"{env_name('triton_shared_memory')}={self.triton_shared_memory!r} is not one of "
                              f"{', '.join(SHARED_MEMORY_CHOICES)}")
+        if not 0 <= self.client_timeout_s < 2**31:
+            raise ValueError(f"{env_name('client_timeout_s')}={self.client_timeout_s!r} is not a number of seconds "
+                             f"(0 turns the timeout off)")
 
     @property
     def triton_metrics_merged(self) -> bool:

@@ -27,6 +27,13 @@ def test_a_malformed_value_names_its_variable():
         Settings.from_env({"GATEWAY_PORT": "eighty"})
 
 
+@pytest.mark.parametrize("raw", ["-1", "nan", "1e12"])
+def test_a_client_timeout_that_is_not_a_number_of_seconds_is_refused(raw):
+    with pytest.raises(ValueError, match="GATEWAY_CLIENT_TIMEOUT_S"):
+        Settings.from_env({"GATEWAY_CLIENT_TIMEOUT_S": raw})
+    assert Settings.from_env({"GATEWAY_CLIENT_TIMEOUT_S": "0"}).client_timeout_s == 0
+
+
 def test_explicit_overrides_win():
     assert Settings.from_env({"GATEWAY_PORT": "9000"}, port=9100).port == 9100
     assert env_name("prometheus_multiproc_dir") == "PROMETHEUS_MULTIPROC_DIR"
