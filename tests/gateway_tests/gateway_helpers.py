@@ -19,6 +19,7 @@ from typing import Iterator, Mapping, Sequence
 import cv2
 import numpy as np
 import requests
+from openapi_schema_validator import OAS31Validator
 
 from ensemble.ssd import pairwise_iou
 from ensemble.triton.launcher import TraceSettings, TritonServer, terminate_with_parent
@@ -99,8 +100,6 @@ def json_shape(value):
 
 def schema_validator(document, name):
     """A validator for the OpenAPI document's component schema `name`."""
-    from openapi_schema_validator import OAS31Validator
-
     return OAS31Validator({"$ref": f"#/components/schemas/{name}", "components": document["components"]})
 
 
@@ -110,6 +109,12 @@ def documented_examples(document, path, status, media="application/json"):
     if "$ref" in response:
         response = document["components"]["responses"][response["$ref"].rsplit("/", 1)[-1]]
     return [example["value"] for example in response["content"][media]["examples"].values()]
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (a gunicorn master's workers)."""
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(child) for child in found]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 from flask import Flask
-from gateway_helpers import INHERITED_OBSERVABILITY_VARIABLES, REPO_ROOT, Gunicorn, encode, free_port
+from gateway_helpers import INHERITED_OBSERVABILITY_VARIABLES, REPO_ROOT, Gunicorn, children, encode, free_port
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -74,11 +74,6 @@ def registered(triton_url: str, prefix: str) -> dict[str, dict]:
 
 def region_files(prefix: str) -> list[str]:
     return sorted(glob.glob(os.path.join(SHM_DIR, prefix + "*")))
-
-
-def children(pid: int) -> list[int]:
-    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [int(child) for child in found]
 
 
 @contextmanager

@@ -9,7 +9,6 @@ import json
 import logging
 import socket
 import time
-from pathlib import Path
 
 import pytest
 import requests
@@ -17,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.client_timeout import ReadTimeoutLogFilter, read_timed_out
 from gateway.openapi import openapi_document
-from gateway_helpers import documented_examples, json_shape, schema_validator
+from gateway_helpers import children, documented_examples, json_shape, schema_validator
 
 pytestmark = pytest.mark.triton
 
@@ -33,7 +32,7 @@ STALLED_HEADERS = b"POST /v1/detect HTTP/1.1\r\nHost: gateway\r\nContent-Ty"
 
 
 @pytest.fixture(scope="module")
-def strict_gateway(gateway_stack, tmp_path_factory):
+def strict_gateway(gateway_stack):
     """A one-worker, two-thread gateway on the session's Triton that gives a silent client TIMEOUT_S per read."""
     gateway = gateway_stack.start_another_gateway("slow-clients", {
         "GATEWAY_CLIENT_TIMEOUT_S": str(TIMEOUT_S), "GATEWAY_WORKERS": "1", "GATEWAY_THREADS": str(THREADS)})
@@ -41,9 +40,8 @@ def strict_gateway(gateway_stack, tmp_path_factory):
     gateway.stop()
 
 
-def _connect(url: str, first_bytes: bytes) -> socket.socket:
-    host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)))
+def _connect(port: int, first_bytes: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(first_bytes)
     return sock
 
@@ -58,11 +56,6 @@ def _until_closed(sock: socket.socket) -> bytes:
     return received
 
 
-def _worker_pids(master_pid: int) -> set[int]:
-    children = Path(f"/proc/{master_pid}/task/{master_pid}/children").read_text().split()
-    return {int(pid) for pid in children}
-
-
 def _errors_counted(url: str, code: str) -> float:
     text = requests.get(url + "/metrics", timeout=10).text
     return sum(sample.value for family in text_string_to_metric_families(text) if family.name == "gateway_errors"
@@ -71,12 +64,12 @@ def _errors_counted(url: str, code: str) -> float:
 
 
 def test_clients_stalled_mid_request_are_cut_off_and_the_gateway_keeps_serving(strict_gateway, hopper_jpeg):
-    workers = _worker_pids(strict_gateway.process.pid)
+    workers = set(children(strict_gateway.process.pid))
     counted_before = _errors_counted(strict_gateway.url, "client_timeout")
     # more stalled clients than the worker has threads, in each place a request can stall
-    uploads = [_connect(strict_gateway.url, STALLED_BODY) for _ in range(THREADS)]
-    multipart = _connect(strict_gateway.url, STALLED_MULTIPART)
-    headers = _connect(strict_gateway.url, STALLED_HEADERS)
+    uploads = [_connect(strict_gateway.port, STALLED_BODY) for _ in range(THREADS)]
+    multipart = _connect(strict_gateway.port, STALLED_MULTIPART)
+    headers = _connect(strict_gateway.port, STALLED_HEADERS)
 
     assert requests.get(strict_gateway.url + "/healthz", timeout=60).status_code == 200
     detected = requests.post(strict_gateway.url + "/v1/detect", data=hopper_jpeg,
@@ -94,7 +87,7 @@ def test_clients_stalled_mid_request_are_cut_off_and_the_gateway_keeps_serving(s
         assert [json_shape(example) for example in documented_examples(document, path, "408")] == [json_shape(error)]
     assert _until_closed(headers) == b""  # no request was read, so there is nothing to answer
 
-    assert _worker_pids(strict_gateway.process.pid) == workers  # the same worker served throughout
+    assert set(children(strict_gateway.process.pid)) == workers  # the same worker served throughout
     assert _errors_counted(strict_gateway.url, "client_timeout") - counted_before == THREADS + 1
     log = strict_gateway.log_text()
     assert "Traceback" not in log
@@ -103,7 +96,7 @@ def test_clients_stalled_mid_request_are_cut_off_and_the_gateway_keeps_serving(s
 
 def test_an_upload_that_keeps_arriving_is_not_cut_off(strict_gateway, hopper_jpeg):
     """The timeout is per read, not per request: a slow upload longer than TIMEOUT_S in all is served."""
-    sock = _connect(strict_gateway.url, b"POST /v1/detect HTTP/1.1\r\nHost: gateway\r\nContent-Type: image/jpeg\r\n"
+    sock = _connect(strict_gateway.port, b"POST /v1/detect HTTP/1.1\r\nHost: gateway\r\nContent-Type: image/jpeg\r\n"
                                         b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(hopper_jpeg))
     pieces = 8
     step = -(-len(hopper_jpeg) // pieces)

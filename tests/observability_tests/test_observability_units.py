@@ -162,7 +162,6 @@ def _app(observed_stack, **settings):
     return create_app({"SETTINGS": Settings(**{**values, **settings})})
 
 
-@pytest.mark.triton
 def _settled_inference_count(metrics_url: str) -> str:
     """Triton's `mask_detection` count line once it stops moving: Triton counts a request just after answering it."""
     previous = None
@@ -176,6 +175,7 @@ def _settled_inference_count(metrics_url: str) -> str:
     raise AssertionError(f"Triton's inference count kept moving: {previous}")
 
 
+@pytest.mark.triton
 def test_app_metrics_merge_triton_and_count_requests_errors_and_images(observed_stack, hopper):
     jpeg, pixels, labelled = hopper
     client = _app(observed_stack, traces_sampler="always_on").test_client()
