@@ -114,6 +114,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--gateway-budget-s", type=float, help="budget of the gateway sweep (default 100)")
     parser.add_argument("--gateway-duration", type=int, help="wrk seconds per level (default 10)")
     parser.add_argument("--gateway-warmup", type=int, default=2, help="unmeasured wrk seconds first (default 2)")
+    parser.add_argument("--paired-passes", type=int,
+                        help="passes over the image set for the gateway's paired c=1 breakdown (default 10)")
     parser.add_argument("--measurement-interval-ms", type=int, help="perf_analyzer window (default 2500)")
     parser.add_argument("--workers", type=int, help="gunicorn workers (default: the gateway's own default)")
     parser.add_argument("--threads", type=int, help="threads per gunicorn worker (default: the gateway's)")
@@ -129,7 +131,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     defaults = {"reference_duration": 6.0 if quick else 30.0, "concurrency": [1, 2, 4] if quick else [1, 2, 3, 4, 6],
                 "component_concurrency": [] if quick else [1, 2], "triton_budget_s": 60.0 if quick else 200.0,
                 "gateway_budget_s": 35.0 if quick else 100.0, "gateway_duration": 3 if quick else 10,
-                "measurement_interval_ms": 1500 if quick else 2500, "gateway_shared_memory": _transports("")}
+                "measurement_interval_ms": 1500 if quick else 2500,
+                "paired_passes": 2 if quick else 10, "gateway_shared_memory": _transports("")}
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -194,7 +197,8 @@ def run(args: argparse.Namespace, *, server=None, out: Callable[[str], None] = p
         gateway_sweeps = [bench_gateway.GatewaySweep(
             concurrency=args.concurrency, repository=args.model_repository, output_dir=output_dir,
             settings=replace(bench_gateway.Settings(), duration_s=args.gateway_duration, shared_memory=transport,
-                             warmup_s=args.gateway_warmup, workers=args.workers, threads=args.threads),
+                             warmup_s=args.gateway_warmup, workers=args.workers, threads=args.threads,
+                             paired_passes=args.paired_passes),
             budget_s=args.gateway_budget_s, log=progress.log,
             document_name="gateway.json" if index == 0 else f"gateway-{transport}.json")
             for index, transport in enumerate(args.gateway_shared_memory)]

@@ -70,6 +70,7 @@ class Settings:
     timeout_s: int = 10  # wrk counts a request as a timeout error after this
     wrk_threads: int = 1
     jpeg_quality: int = 95
+    paired_passes: int = 10  # passes over the image set for the paired c=1 breakdown (10 frames each)
     workers: int | None = None  # None: the gateway's own default (gateway/settings.py)
     threads: int | None = None
     shared_memory: str | None = None  # GATEWAY_TRITON_SHARED_MEMORY ("system" / "off"); None: the gateway's default
@@ -222,10 +223,11 @@ def timing_breakdown(base_url: str, bodies: list[dict], passes: int = 2, images:
     """One client, one request at a time: the gateway's Server-Timing stages (decode, inference, total).
 
     With `images` and `grpc_url`, each gateway request is paired with the same frame sent straight to
-    Triton over gRPC just before it (tritonclient, as the gateway calls it), so the two p50s come from
-    the same seconds of a possibly busy machine: `paired_added_p50_ms` is the gateway's own cost,
-    HTTP + JPEG decode + Flask, measured with the least drift. Checks every answer is a 200 with at
-    least one detection (each frame shows a face), so a broken stack fails before the sweep.
+    Triton over gRPC (tritonclient, as the gateway calls it), just before it on even passes and just after
+    it on odd ones, so neither half always follows the other: `paired_added_p50_ms` (the median of the
+    per-pair differences, with a bootstrap 95% interval) is the gateway's own cost, HTTP + JPEG decode +
+    Flask, measured with the least drift. Checks every answer is a 200 with at least one detection (each
+    frame shows a face), so a broken stack fails before the sweep.
     """
     host, port = base_url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
@@ -234,15 +236,19 @@ def timing_breakdown(base_url: str, bodies: list[dict], passes: int = 2, images:
     stages: dict[str, list[float]] = {}
     client_ms, direct_ms, faces = [], [], 0
     try:
-        for _ in range(passes):
+        payloads = [Path(body["path"]).read_bytes() for body in bodies]
+        for number in range(passes):
+            direct_first = number % 2 == 0
             for index, body in enumerate(bodies):
-                if direct:
+                if direct and direct_first:
                     direct_ms.append(direct.infer_ms(frames[index]))
                 began = time.perf_counter()
-                status, headers, payload = request(base_url, "POST", ENDPOINT, Path(body["path"]).read_bytes(),
+                status, headers, payload = request(base_url, "POST", ENDPOINT, payloads[index],
                                                    {"Content-Type": "image/jpeg", "Accept": "application/json"},
                                                    connection=connection)
                 client_ms.append((time.perf_counter() - began) * 1e3)
+                if direct and not direct_first:
+                    direct_ms.append(direct.infer_ms(frames[index]))
                 if status != 200:
                     raise GatewayBenchError(f"{body['name']}: the gateway answered {status}: {payload[:300]!r}")
                 found = len(json.loads(payload)["detections"])
@@ -266,8 +272,18 @@ def timing_breakdown(base_url: str, bodies: list[dict], passes: int = 2, images:
     result = {"requests": len(client_ms), "faces_per_image": round(faces / len(client_ms), 3), "p50_ms": p50}
     if direct_ms:
         result["direct_grpc_p50_ms"] = round(float(np.median(direct_ms)), 2)
-        result["paired_added_p50_ms"] = round(float(np.median(np.array(client_ms) - np.array(direct_ms))), 2)
+        added = np.array(client_ms) - np.array(direct_ms)
+        result["paired_added_p50_ms"] = round(float(np.median(added)), 2)
+        result["paired_added_p50_ci95_ms"] = [round(bound, 2) for bound in median_interval(added)]
     return result
+
+
+def median_interval(samples: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """A percentile-bootstrap 95% interval for the median: how far the paired estimate could move by chance."""
+    rng = np.random.default_rng(seed)
+    medians = np.median(rng.choice(samples, size=(resamples, len(samples))), axis=1)
+    low, high = np.percentile(medians, [2.5, 97.5])
+    return float(low), float(high)
 
 
 class _DirectClient:
@@ -426,7 +442,7 @@ class GatewaySweep:
                 run_wrk(self.binary, gateway.url, self.body_list, max(2, 2 * gateway.settings.workers),
                         settings.warmup_s, settings, self.wrk_log)
             timing = self.document["server_timing_c1"] = timing_breakdown(
-                gateway.url, self.bodies, passes=2, images=self.images, grpc_url=server.grpc_url)
+                gateway.url, self.bodies, passes=settings.paired_passes, images=self.images, grpc_url=server.grpc_url)
             p50 = timing["p50_ms"]
             self.log(f"{self.label} c=1 paired with direct gRPC ({timing['requests']} pairs): adds "
                      f"{timing.get('paired_added_p50_ms')} ms p50 (decode {p50.get('decode')} ms, "

@@ -193,9 +193,13 @@ def ratios(layers: dict) -> dict:
             # the target counts as met only when the paired estimate agrees.
             out["gateway_added_p50_ms_c1"]["paired_value"] = paired
             out["gateway_added_p50_ms_c1"]["met"] &= paired <= TARGETS["gateway_added_p50_ms_c1"]
+            interval = (gateway.get("server_timing_c1") or {}).get("paired_added_p50_ci95_ms")
+            if interval:
+                out["gateway_added_p50_ms_c1"]["paired_ci95"] = interval
             out["gateway_added_p50_ms_c1"]["detail"] += (
-                f"; paired measurement (each gateway request right after the same frame over gRPC): "
-                f"{paired:+.2f} ms; met only when both are within the target")
+                f"; paired measurement (each gateway request beside the same frame over gRPC): {paired:+.2f} ms"
+                + (f" (95% interval {interval[0]:.2f}–{interval[1]:.2f})" if interval else "")
+                + "; met only when both are within the target")
     failed_levels = [f"{name} c={level['concurrency']}" for name in ("triton", *GATEWAY_LAYERS)
                      for level in (layers.get(name) or {}).get("levels", [])
                      if not level.get("ok") and "time budget" not in level.get("reason", "")]
@@ -360,9 +364,12 @@ def markdown(summary: dict, plots: Sequence[str] = ()) -> str:
                 "| stage | p50 ms |", "|---|---|"]
         out += [f"| {stage} | {value} |" for stage, value in p50.items()]
         if "paired_added_p50_ms" in timing:
-            out += ["", f"The same frames sent straight to Triton over gRPC, each just before its gateway request: "
-                        f"p50 {timing['direct_grpc_p50_ms']} ms; the gateway's p50 added latency in these pairs: "
-                        f"{timing['paired_added_p50_ms']} ms ({timing['requests']} pairs)."]
+            interval = timing.get("paired_added_p50_ci95_ms")
+            out += ["", f"The same frames sent straight to Triton over gRPC, each just before or just after its "
+                        f"gateway request (alternate passes): p50 {timing['direct_grpc_p50_ms']} ms; the gateway's "
+                        f"p50 added latency in these pairs: {timing['paired_added_p50_ms']} ms"
+                        + (f", 95% bootstrap interval {interval[0]}–{interval[1]} ms" if interval else "")
+                        + f" ({timing['requests']} pairs)."]
     comparison = summary.get("transport_comparison")
     if comparison:
         out += ["", "## The gateway's two ways to hand pixels to Triton, side by side", "",

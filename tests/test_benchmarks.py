@@ -195,6 +195,19 @@ def test_both_gateway_transports_are_compared_and_the_default_carries_the_ratios
     assert report.summarize([_reference_doc(20.0, 50.0)], triton, shared)["transport_comparison"] is None
 
 
+def test_the_paired_interval_brackets_the_median_and_narrows_with_more_pairs():
+    rng = np.random.default_rng(7)
+    few, many = rng.normal(3.0, 2.0, 20), rng.normal(3.0, 2.0, 500)
+    for samples in (few, many):
+        low, high = bench_gateway.median_interval(samples)
+        assert low <= float(np.median(samples)) <= high
+    few_width = np.subtract(*bench_gateway.median_interval(few)[::-1])
+    many_width = np.subtract(*bench_gateway.median_interval(many)[::-1])
+    # the median's standard error falls as 1/sqrt(n): 25x the pairs, about a fifth of the width
+    assert many_width < few_width / 3
+    assert bench_gateway.median_interval(np.full(30, 2.5)) == (2.5, 2.5)
+
+
 def test_stolen_cpu_time_is_the_share_of_the_machine_s_time_during_the_run():
     from benchmarks.common import cpu_times, steal_during
 
@@ -244,7 +257,8 @@ def test_three_layer_run_writes_summary_markdown_and_plots(tmp_path, triton, mod
     args = bench_main.parse_args([
         "--reference-duration", "0.4", "--concurrency", "1", "--component-concurrency", "none",
         "--measurement-interval-ms", "500", "--triton-budget-s", "40", "--gateway-budget-s", "30",
-        "--gateway-duration", "1", "--gateway-warmup", "0", "--workers", "1", "--threads", "2",
+        "--gateway-duration", "1", "--gateway-warmup", "0", "--paired-passes", "2", "--workers", "1",
+        "--threads", "2",
         "--model-repository", str(model_repository), "--results-dir", str(tmp_path)])
     lines = []
     summary = bench_main.run(args, server=triton, out=lines.append)
@@ -274,7 +288,9 @@ def test_three_layer_run_writes_summary_markdown_and_plots(tmp_path, triton, mod
     assert 0 < level["p50_ms"] <= level["p95_ms"] <= level["p99_ms"]
     assert level["server_models"]["mask_detection"]["requests"] >= level["requests"]
     timing = gateway["server_timing_c1"]
-    assert timing["faces_per_image"] >= 1 and timing["p50_ms"]["decode"] > 0 and "paired_added_p50_ms" in timing
+    assert timing["faces_per_image"] >= 1 and timing["p50_ms"]["decode"] > 0 and timing["requests"] == 2 * 10
+    low, high = timing["paired_added_p50_ci95_ms"]
+    assert low <= timing["paired_added_p50_ms"] <= high
 
     assert set(summary["layers"]) == {"in_process", "triton", "gateway", "gateway_alternative"}
     assert set(summary["transport_comparison"]["transports"]) == {"system", "off"}
