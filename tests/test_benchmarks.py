@@ -126,7 +126,8 @@ def _gateway_doc(levels: dict[int, tuple[float, float]], non2xx: int = 0, transp
     return {"wrk": {"version": "wrk 4.1.0"}, "bodies": {"jpeg_quality": 95, "mean_bytes": 1000},
             "gateway": {"workers": 2, "threads": 4, **({"triton_shared_memory": transport} if transport else {})},
             "server_timing_c1": {"requests": 20, "p50_ms": {"decode": 3.0, "inference": 60.0, "total": 65.0},
-                                 "direct_grpc_p50_ms": 59.0, "paired_added_p50_ms": 6.5},
+                                 "direct_grpc_p50_ms": 59.0, "paired_added_p50_ms": 6.5,
+                                 "paired_added_p50_ci95_ms": [5.9, 7.2]},
             "levels": [{"concurrency": c, "ok": True, "throughput_rps": rate, "p50_ms": p50, "p95_ms": p50 * 1.3,
                         "p99_ms": p50 * 1.6, "requests": 100, "error_count": non2xx if c == 2 else 0,
                         "gateway_cpu_ms_per_request": gateway_cpu_ms, "triton_cpu_ms_per_request": 60.0}
@@ -150,6 +151,8 @@ def test_summary_ratios_against_targets():
     assert ratios["gateway_added_p50_ms_c1"]["value"] == pytest.approx(4.0)
     assert not ratios["gateway_added_p50_ms_c1"]["met"]  # 4 ms > 3 ms
     assert ratios["gateway_added_p50_ms_c1"]["paired_value"] == 6.5
+    assert ratios["gateway_added_p50_ms_c1"]["paired_ci95"] == [5.9, 7.2]
+    assert "+6.50 ms (95% interval 5.90–7.20)" in ratios["gateway_added_p50_ms_c1"]["detail"]
     # Within the target by the sweeps (2 ms) but not paired (6.5 ms): not met.
     close = report.summarize(references, triton, _gateway_doc({1: (14.0, 64.0), 2: (22.5, 88.0)}))
     assert close["ratios"]["gateway_added_p50_ms_c1"]["value"] == pytest.approx(2.0)
@@ -226,6 +229,7 @@ def test_report_writes_json_markdown_and_plots(tmp_path):
     text = paths["markdown"].read_text()
     assert "| triton_vs_in_process |" in text and "![throughput](throughput.png)" in text
     assert "| gateway | 2 | 22.5 |" in text
+    assert "added latency in these pairs: 6.5 ms, 95% bootstrap interval 5.9–7.2 ms (20 pairs)" in text
     for name in ("throughput.png", "latency.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
     table = report.console_table(summary)
