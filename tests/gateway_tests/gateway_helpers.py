@@ -62,6 +62,26 @@ def png_bomb_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
 
 
+def corrupted(images: Sequence[bytes], count: int, seed: int = 0) -> Iterator[tuple[str, int, bytes]]:
+    """(how, index of the image it came from, bytes): real encoded images with random bytes overwritten (anywhere,
+    or in the header), cut short, or spliced onto the tail of another, as a flaky link or a broken encoder would."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        index = int(rng.integers(len(images)))
+        data = bytearray(images[index])
+        how = ("anywhere", "header", "cut", "spliced")[rng.integers(4)]
+        if how in ("anywhere", "header"):
+            span = len(data) if how == "anywhere" else min(len(data), 600)
+            for _ in range(int(rng.integers(1, 20))):
+                data[rng.integers(span)] = rng.integers(256)
+        elif how == "cut":
+            data = data[:rng.integers(1, len(data))]
+        else:
+            other = images[rng.integers(len(images))]
+            data = data[:rng.integers(len(data))] + other[rng.integers(len(other)):]
+        yield how, index, bytes(data)
+
+
 def matched_iou(boxes: np.ndarray, expected: np.ndarray) -> np.ndarray:
     """IoU of each expected box with the box at the same rank (both lists are sorted best first)."""
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)

@@ -5,10 +5,10 @@ import cv2
 import numpy as np
 import pytest
 
-from gateway.errors import EmptyBody, ImageTooLarge, InvalidImage
+from gateway.errors import EmptyBody, ImageError, ImageTooLarge, InvalidImage
 from gateway.imaging import (boxes_to_original, check_pixel_count, decode_for_inference, decode_image, fit_within,
                              jpeg_reduction)
-from gateway_helpers import encode, jpeg_with_orientation, matched_iou, png_bomb_header
+from gateway_helpers import corrupted, encode, jpeg_with_orientation, matched_iou, png_bomb_header
 
 LIMIT = 40_000_000
 
@@ -81,6 +81,25 @@ def test_a_jpeg_carrying_a_complete_thumbnail_is_judged_by_its_own_end(real_imag
     assert decode_image(whole, LIMIT).shape == real_images["grace_hopper"].shape
     with pytest.raises(InvalidImage, match="truncated"):
         decode_image(whole[: len(whole) * 2 // 3], LIMIT)
+
+
+def test_corrupted_images_decode_to_pixels_or_raise_an_image_error(real_images):
+    """Whatever a broken link or encoder delivers, the decoder gives 8-bit BGR or an ImageError (a 4xx)."""
+    originals = [encode(image, ext) for image in real_images.values() for ext in (".jpg", ".png", ".webp")]
+    outcomes = {}
+    for how, _, data in corrupted(originals, 1500, seed=1):
+        try:
+            decoded = decode_for_inference(data, LIMIT, max_side=1280)
+        except ImageError as error:
+            outcomes[how, type(error).__name__] = outcomes.get((how, type(error).__name__), 0) + 1
+            continue
+        assert decoded.pixels.dtype == np.uint8 and decoded.pixels.ndim == 3 and decoded.pixels.shape[2] == 3
+        assert decoded.pixels.size and decoded.width > 0 and decoded.height > 0
+        outcomes[how, "decoded"] = outcomes.get((how, "decoded"), 0) + 1
+    # every kind of damage was both survived and refused at least once: the sample exercised both paths
+    for how in ("anywhere", "header", "spliced"):
+        assert outcomes.get((how, "decoded")) and outcomes.get((how, "InvalidImage")), outcomes
+    assert outcomes.get(("cut", "InvalidImage")), outcomes
 
 
 @pytest.mark.parametrize("longest, max_side, factor", [
