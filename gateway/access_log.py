@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 
 from flask import Flask, g, request
 
-from gateway.metrics import OPERATIONAL_PATHS
+from gateway.operational import OPERATIONAL_PATHS
 from gateway.server_timing import current_timings
 from gateway.settings import OFF, Settings
 from gateway.tracing import current_trace_ids

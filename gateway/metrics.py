@@ -14,14 +14,9 @@ from gateway.errors import HTTP_STATUS, ApiError, error_kind
 from gateway.exemplars import ExemplarStore
 from gateway.triton_client import INLINE_TRANSPORT, SHARED_MEMORY_TRANSPORT
 
-STAGES = ("decode", "triton", "encode", "total")
-# Scrapes and probes are neither measured, counted as in flight, logged nor traced: they would only measure
-# the monitoring itself.
-OPERATIONAL_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
 # What the mask classifier answers (model_repository/postprocess config `labels`); both are created at zero,
 # so ratios such as the mask share read 0, not "no data", before the first face of a kind.
 DETECTION_LABELS = ("mask", "no_mask")
-ERROR_KINDS = ("client", "upstream", "internal")
 TRITON_TRANSPORTS = (SHARED_MEMORY_TRANSPORT, INLINE_TRANSPORT)  # how the pixels of a Triton call travelled
 
 # Seconds: a decode takes about a millisecond, a Triton round trip tens to hundreds, the SLO is 500 ms.

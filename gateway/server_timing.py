@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 
 from flask import Flask, g
 
@@ -19,15 +18,6 @@ class Timings:
 
     def add(self, stage: str, milliseconds: float) -> None:
         self._stages[stage] = self._stages.get(stage, 0.0) + milliseconds
-
-    @contextmanager
-    def measure(self, stage: str):
-        """Time the body of a `with` block as `stage`."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(stage, (time.perf_counter() - start) * 1000.0)
 
     def total_ms(self) -> float:
         return (time.perf_counter() - self._start) * 1000.0

@@ -1,7 +1,8 @@
 """OpenTelemetry for the gateway: a per-process TracerProvider, Flask server spans, the gateway's own stage spans,
 the CLIENT span of the Triton call, and the trace context handed to Triton.
 
-Span attributes carry sizes, counts and names only, never image bytes or anything derived from pixels.
+Span attributes carry sizes, counts and names only, never image bytes or anything derived from pixels, and
+nothing about the caller: the instrumentation's client address, user agent and query string are withheld.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
-from flask import Flask, current_app, has_app_context
+from flask import Flask, current_app, has_app_context, has_request_context, request
 from opentelemetry import trace
 from opentelemetry.instrumentation.flask import FlaskInstrumentor
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -19,10 +20,14 @@ from opentelemetry.sdk.trace import sampling
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from gateway.operational import operational_url_patterns
 from gateway.settings import Settings, env_name
 
-# Probes and scrapes would drown the traces that matter.
-UNTRACED_URLS = "healthz,readyz,metrics"
+# What the Flask instrumentation records about the caller (old and new HTTP semantic conventions): personal
+# data, overwritten with WITHHELD on every server span.
+CLIENT_ATTRIBUTES = ("net.peer.ip", "net.peer.port", "net.peer.name", "http.user_agent", "http.client_ip",
+                     "client.address", "client.port", "user_agent.original", "url.query")
+WITHHELD = "withheld"
 TRACER_NAME = "gateway"
 # Triton's gRPC API (grpc_service.proto): what the CLIENT span's rpc.* attributes name.
 TRITON_RPC_SERVICE = "inference.GRPCInferenceService"
@@ -119,7 +124,23 @@ def register_tracing(app: Flask, settings: Settings) -> None:
     """Server spans for every request, continuing the caller's W3C `traceparent` when it sends one."""
     provider = setup_tracing(settings)
     app.extensions[PROVIDER_KEY] = provider
-    FlaskInstrumentor().instrument_app(app, tracer_provider=provider, excluded_urls=UNTRACED_URLS)
+    FlaskInstrumentor().instrument_app(app, tracer_provider=provider, response_hook=withhold_client_details,
+                                       excluded_urls=",".join(operational_url_patterns()))
+
+
+def withhold_client_details(span: trace.Span, status: str, response_headers) -> None:
+    """Keep the caller's address, user agent and query values (thresholds, anything else) out of the server span.
+
+    The instrumentation records them when the request starts and again after its request hook, and a span
+    cannot drop an attribute, so they are overwritten here, as the answer starts; `http.target` keeps the path.
+    """
+    if not span.is_recording():
+        return
+    recorded = getattr(span, "attributes", None) or {}
+    withheld = {key: WITHHELD for key in CLIENT_ATTRIBUTES if key in recorded}
+    if "http.target" in recorded:
+        withheld["http.target"] = request.path if has_request_context() else WITHHELD
+    span.set_attributes(withheld)
 
 
 def _tracer() -> trace.Tracer:

@@ -20,7 +20,8 @@ from prometheus_flask_exporter.multiprocess import GunicornInternalPrometheusMet
 
 from gateway import triton_metrics
 from gateway.exemplars import ExemplarStore
-from gateway.metrics import OPERATIONAL_PATHS, ServiceMetrics
+from gateway.metrics import ServiceMetrics
+from gateway.operational import OPERATIONAL_PATHS
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -216,6 +216,26 @@ def test_app_metrics_merge_triton_and_count_requests_errors_and_images(observed_
     assert all(s.exemplar.value <= float(s.labels["le"]) for s in with_exemplar)
 
 
+def test_only_scrapes_and_probes_go_untraced():
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from gateway.tracing import PROVIDER_KEY
+
+    app = create_app({"SETTINGS": Settings(service_name="untraced-paths", traces_sampler="always_on",
+                                           triton_metrics_url="off", access_log="off")})
+    spans = InMemorySpanExporter()
+    app.extensions[PROVIDER_KEY].add_span_processor(SimpleSpanProcessor(spans))
+    client = app.test_client()
+    for path in ("/healthz", "/readyz?verbose=1", "/metrics"):
+        client.get(path)
+    assert spans.get_finished_spans() == ()
+    # a path or query that merely mentions one of them is an ordinary request (OpenTelemetry searches the URL)
+    client.post("/v1/detect?tag=healthz", data=b"", headers={"Content-Type": "image/jpeg"})
+    client.get("/v1/metrics-and-more")
+    assert [span.name for span in spans.get_finished_spans()] == ["POST /v1/detect", "GET /v1/metrics-and-more"]
+
+
 def test_unhandled_exceptions_are_counted_and_answered_as_internal_error():
     # The fake: no real Triton call raises a KeyError, which the catch-all must answer and count.
     client = create_app({"SETTINGS": Settings(triton_metrics_url="off", access_log="off"),

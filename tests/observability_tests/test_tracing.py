@@ -166,6 +166,25 @@ def test_no_span_attribute_carries_image_data(one_request, hopper_jpeg):
                 assert not any(probe in text for probe in probes), f"{span.name}.{key} carries image data"
 
 
+def test_the_server_span_withholds_the_callers_address_agent_and_query(observed_stack, otlp_receiver, http,
+                                                                       hopper_jpeg):
+    from gateway.tracing import CLIENT_ATTRIBUTES, WITHHELD
+
+    mark, request_id = otlp_receiver.mark(), uuid.uuid4().hex
+    response = http.post(observed_stack.url + "/v1/detect?confidence=0.55", data=hopper_jpeg,
+                         headers={"Content-Type": "image/jpeg", "X-Request-ID": request_id,
+                                  "User-Agent": "Bob's phone 1.0"})
+    assert response.status_code == 200, response.text
+    otlp_receiver.wait_for(lambda spans: _server_span_for(spans, request_id), since=mark, timeout=TRACE_WAIT_S)
+    server = _server_span_for(otlp_receiver.since(mark), request_id)
+    assert server.attributes["http.target"] == "/v1/detect"
+    recorded = [key for key in CLIENT_ATTRIBUTES if key in server.attributes]
+    assert "net.peer.ip" in recorded and "http.user_agent" in recorded  # what the instrumentation records
+    assert all(server.attributes[key] == WITHHELD for key in recorded)
+    values = json.dumps(server.attributes)
+    assert "Bob" not in values and "0.55" not in values and "confidence" not in values
+
+
 def test_a_sampled_caller_trace_is_joined_by_both_services(observed_stack, otlp_receiver, http, hopper_jpeg):
     trace_id, parent_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
     request_id, spans = _traced_request(otlp_receiver, http, observed_stack.url, hopper_jpeg,
