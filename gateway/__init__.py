@@ -21,6 +21,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from gateway.errors import register_error_handlers
     from gateway.keepalive import register_body_drain
     from gateway.logging_setup import register_logging
+    from gateway.methods import register_method_guard
     from gateway.request_id import register_request_id
     from gateway.server_timing import register_server_timing
     from gateway.tracing import register_tracing
@@ -36,4 +37,5 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     register_tracing(app, settings)
     register_metrics(app, settings)
     register_blueprints(app)
+    register_method_guard(app)  # outermost: around tracing and metrics too
     return app

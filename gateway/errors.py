@@ -73,6 +73,10 @@ class TooManyImages(RequestError):
     code = "too_many_images"
 
 
+class MethodNotImplemented(RequestError):
+    code = "method_not_implemented"
+
+
 class TritonUnreachable(UpstreamFailure):
     code = "triton_unreachable"
 
@@ -107,6 +111,7 @@ HTTP_STATUS: dict[type[ApiError], int] = {
     TooManyImages: 422,
     InferenceRejected: 422,
     TritonOverloaded: 429,
+    MethodNotImplemented: 501,
     UpstreamError: 502,
     TritonUnreachable: 503,
     ModelNotReady: 503,

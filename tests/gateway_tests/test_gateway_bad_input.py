@@ -77,6 +77,12 @@ def test_corrupted_uploads_get_an_answer_each_and_the_workers_survive(gateway_st
     assert sorted(children(gateway_stack.gunicorn.pid)) == workers  # no worker died and was replaced
 
 
+def test_an_invented_http_method_is_501(gateway_url, http, hopper_jpeg):
+    response = http.request("QWERTY", gateway_url + "/v1/detect", data=hopper_jpeg,
+                            headers={"Content-Type": "image/jpeg"}, timeout=60)
+    assert_error(response, 501, "method_not_implemented", "not an HTTP method")
+
+
 def test_oversized_body(gateway_url, http):
     assert_error(post(http, gateway_url, b"\xff" * (TEN_MIB + 1)), 413, "payload_too_large", str(TEN_MIB))
 

@@ -236,6 +236,15 @@ def test_only_scrapes_and_probes_go_untraced():
     assert [span.name for span in spans.get_finished_spans()] == ["POST /v1/detect", "GET /v1/metrics-and-more"]
 
 
+def test_an_invented_method_is_refused_before_it_can_become_a_metric_label():
+    client = create_app({"SETTINGS": Settings(triton_metrics_url="off", access_log="off")}).test_client()
+    for method in ("QWERTY", "ZXCVBN", "PUT"):
+        client.open("/v1/detect", method=method)
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'method="PUT",status="405"' in text  # a method HTTP defines is still measured, and Flask's 405
+    assert "QWERTY" not in text and "ZXCVBN" not in text
+
+
 def test_unhandled_exceptions_are_counted_and_answered_as_internal_error():
     # The fake: no real Triton call raises a KeyError, which the catch-all must answer and count.
     client = create_app({"SETTINGS": Settings(triton_metrics_url="off", access_log="off"),
