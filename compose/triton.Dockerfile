@@ -8,13 +8,16 @@ COPY setup.cfg pyproject.toml README.md ./
 COPY ensemble ./ensemble
 # --no-deps: the package's own requirements include the pip tritonserver (nvidia-pytriton) and ONNX
 # tooling that this image already has or does not need; the Python models need only these. The
-# tritonclient pin matches the server, for its model_config protobuf.
+# tritonclient pin matches the server, for its model_config protobuf. CuPy (for the image's CUDA 12):
+# postprocess keeps the detector's heads on the GPU (FORCE_CPU_ONLY_INPUT_TENSORS "no") and decodes them
+# there through DLPack; without it every request whose heads arrive in GPU memory would fail.
 RUN python3 -m pip install --no-cache-dir --no-deps . \
  && python3 -m pip install --no-cache-dir \
         "numpy>=1.24,<2" \
         "opencv-python-headless>=4.10,<5" \
         "array-api-compat>=1.9" \
+        "cupy-cuda12x>=13,<14" \
         "tritonclient[grpc]==2.51.0" \
- && python3 -c "import ensemble.postprocess, ensemble.preprocess, ensemble.triton.config"
+ && python3 -c "import cupy, ensemble.postprocess, ensemble.preprocess, ensemble.triton.config"
 
 EXPOSE 8000 8001 8002

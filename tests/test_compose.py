@@ -140,6 +140,16 @@ def test_triton_image_is_release_24_10_which_is_triton_2_51():
     assert dockerfile_bases(COMPOSE_DIR / "triton.Dockerfile") == ["nvcr.io/nvidia/tritonserver:24.10-py3"]
 
 
+def test_triton_image_has_cupy_for_the_models_that_keep_their_inputs_on_the_gpu():
+    repository = COMPOSE_DIR.parent / "model_repository"
+    on_gpu = [config.parent.name for config in sorted(repository.glob("*/config.pbtxt"))
+              if re.search(r'key: "FORCE_CPU_ONLY_INPUT_TENSORS", value: \{ string_value: "no" \}', config.read_text())]
+    assert on_gpu == ["postprocess"]
+    dockerfile = (COMPOSE_DIR / "triton.Dockerfile").read_text()
+    # CUDA 12 in release 24.10, so CuPy's CUDA 12 build; imported at build time so a broken wheel fails the build
+    assert '"cupy-cuda12x>=13,<14"' in dockerfile and "import cupy," in dockerfile
+
+
 def test_every_service_has_a_healthcheck_on_a_port_it_listens_on(services):
     for name, service in services.items():
         check = service.get("healthcheck")
