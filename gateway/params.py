@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Mapping
+
+from werkzeug.datastructures import MultiDict
 
 from gateway.errors import InvalidParameter, ParameterOutOfRange
 
 MAX_FACES_LIMIT = 1000
+PARAMETER_NAMES = ("confidence", "iou", "max_faces")  # the query parameters of both detection endpoints
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,17 @@ def _positive_int(name: str, raw: str, upper: int) -> int:
     return value
 
 
-def parse_detect_params(args: Mapping[str, str]) -> DetectParams:
-    """Parse `confidence`, `iou` and `max_faces`; 400 when not a number, 422 when out of range."""
+def parse_detect_params(args: MultiDict) -> DetectParams:
+    """Parse `confidence`, `iou` and `max_faces`; 400 when not a number, 422 when out of range.
+
+    Any other name, or one of these given twice, is a 400 too: a misspelt threshold would otherwise be
+    answered with the model's defaults as if it had been applied.
+    """
+    for name, values in args.lists():
+        if name not in PARAMETER_NAMES:
+            raise InvalidParameter(f"unknown parameter {name[:64]!r}; the parameters are {', '.join(PARAMETER_NAMES)}")
+        if len(values) > 1:
+            raise InvalidParameter(f"{name} is given {len(values)} times; give it once")
     confidence = args.get("confidence")
     iou = args.get("iou")
     max_faces = args.get("max_faces")

@@ -75,10 +75,13 @@ def _single_upload() -> bytes:
     max_bytes = settings().max_body_bytes
     if request.mimetype == MULTIPART:
         request.max_content_length = max_bytes + MULTIPART_OVERHEAD_BYTES
-        part = request.files.get(SINGLE_FIELD)
-        if part is None:
+        parts = request.files.getlist(SINGLE_FIELD)
+        if not parts:
             raise MissingImage(f"the multipart body has no file field '{SINGLE_FIELD}'")
-        return _read_part(part, max_bytes)
+        if len(parts) > 1:
+            raise TooManyImages(f"{len(parts)} file fields '{SINGLE_FIELD}' sent; /v1/detect takes one image "
+                                f"(several go to /v1/detect/batch as '{BATCH_FIELD}')")
+        return _read_part(parts[0], max_bytes)
     if request.mimetype not in IMAGE_TYPES:
         raise _unsupported(request.mimetype)
     if request.content_length is None:

@@ -83,6 +83,16 @@ def test_an_invented_http_method_is_501(gateway_url, http, hopper_jpeg):
     assert_error(response, 501, "method_not_implemented", "not an HTTP method")
 
 
+def test_a_misspelt_parameter_is_refused_not_ignored(gateway_url, http, hopper_jpeg):
+    assert_error(post(http, gateway_url, hopper_jpeg, confidense="0.99"), 400, "invalid_parameter", "'confidense'")
+
+
+def test_a_second_image_on_the_single_endpoint_is_refused_not_dropped(gateway_url, http, hopper_jpeg):
+    files = [("image", ("a.jpg", hopper_jpeg, "image/jpeg")), ("image", ("b.jpg", hopper_jpeg, "image/jpeg"))]
+    response = http.post(gateway_url + "/v1/detect", files=files, timeout=60)
+    assert_error(response, 422, "too_many_images", "/v1/detect/batch")
+
+
 def test_oversized_body(gateway_url, http):
     assert_error(post(http, gateway_url, b"\xff" * (TEN_MIB + 1)), 413, "payload_too_large", str(TEN_MIB))
 

@@ -5,6 +5,7 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
 from tritonclient.utils import InferenceServerException
+from werkzeug.datastructures import MultiDict
 
 from gateway.errors import (InferenceRejected, InvalidParameter, ModelNotReady, ParameterOutOfRange,
                             TritonOverloaded, TritonTimeout, TritonUnreachable, UpstreamError, status_of)
@@ -75,15 +76,24 @@ def test_sampled_out_spans_send_no_trace_context():
 ])
 def test_bad_parameters_are_named(query, error):
     with pytest.raises(error, match=next(iter(query))):
-        parse_detect_params(query)
+        parse_detect_params(MultiDict(query))
+
+
+@pytest.mark.parametrize("query, mentions", [
+    ([("confidense", "0.9")], "unknown parameter 'confidense'; the parameters are confidence, iou, max_faces"),
+    ([("confidence", "0.9"), ("confidence", "0.2")], "confidence is given 2 times"),
+])
+def test_unknown_or_repeated_parameters_are_refused_not_ignored(query, mentions):
+    with pytest.raises(InvalidParameter, match=mentions):
+        parse_detect_params(MultiDict(query))
 
 
 def test_parameters_reach_triton_as_types_its_python_backend_accepts():
-    params = parse_detect_params({"confidence": "0.7", "iou": "1", "max_faces": "3"})
+    params = parse_detect_params(MultiDict({"confidence": "0.7", "iou": "1", "max_faces": "3"}))
     sent = params.triton_parameters()
     assert sent == {"confidence": "0.7", "iou": "1.0", "max_faces": 3}
     assert math.isclose(float(sent["confidence"]), 0.7)
-    assert parse_detect_params({}).triton_parameters() == {}
+    assert parse_detect_params(MultiDict()).triton_parameters() == {}
 
 
 @pytest.mark.parametrize("sent, echoed", [
