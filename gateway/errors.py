@@ -154,6 +154,17 @@ def error_response(status: int, code: str, message: str, error: ApiError | None 
     return response
 
 
+def _too_large_message() -> str:
+    """Which limit a 413 from werkzeug hit: the body's size, or (a body within it) the multipart form's own limits."""
+    limit, declared = request.max_content_length, request.content_length
+    form_limits = (f"at most {request.max_form_parts} parts and {request.max_form_memory_size} bytes per text field")
+    if declared is not None and limit is not None and declared <= limit:
+        return f"the multipart form exceeds its limits: {form_limits}"
+    if declared is None and request.mimetype == "multipart/form-data":
+        return f"the request exceeds a limit: {limit} bytes in all, {form_limits}"
+    return f"request body exceeds the limit of {limit} bytes"
+
+
 def register_error_handlers(app: Flask) -> None:
     """Make every failure, expected or not, a JSON body without internals (no stack traces, no image bytes)."""
 
@@ -163,8 +174,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(error: RequestEntityTooLarge):
-        limit = request.max_content_length
-        return error_response(413, PayloadTooLarge.code, f"request body exceeds the limit of {limit} bytes")
+        return error_response(413, PayloadTooLarge.code, _too_large_message())
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException):

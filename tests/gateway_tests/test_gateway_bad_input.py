@@ -93,6 +93,13 @@ def test_a_second_image_on_the_single_endpoint_is_refused_not_dropped(gateway_ur
     assert_error(response, 422, "too_many_images", "/v1/detect/batch")
 
 
+def test_a_form_over_its_part_limit_is_413_naming_that_limit_not_the_byte_limit(gateway_url, http):
+    files = [("images", (f"{index}.jpg", b"x", "image/jpeg")) for index in range(1001)]
+    response = http.post(gateway_url + "/v1/detect/batch", files=files, timeout=60)
+    assert_error(response, 413, "payload_too_large", "at most 1000 parts")
+    assert "exceeds the limit of" not in response.json()["error"]["message"]  # its 100 kB are far within 50 MiB
+
+
 def test_oversized_body(gateway_url, http):
     assert_error(post(http, gateway_url, b"\xff" * (TEN_MIB + 1)), 413, "payload_too_large", str(TEN_MIB))
 
