@@ -22,7 +22,7 @@ class Priors:
         return Priors(self.center[index], self.variances[index])
 
     def on(self, xp) -> Priors:
-        """The same priors as arrays of namespace `xp` (e.g. moved to the GPU once, at initialize)."""
+        """The same priors as arrays of namespace `xp` (e.g. moved to the GPU once, when heads first arrive there)."""
         return Priors(xp.asarray(self.center), xp.asarray(self.variances))
 
 

@@ -17,7 +17,7 @@ from typing import Sequence
 from gateway.settings import ENV_PREFIX, Settings, env_name
 
 GUNICORN_CONF = Path(__file__).with_name("gunicorn.conf.py")
-GATEWAY_START_TIMEOUT_S = 60.0
+START_TIMEOUT_S = 60.0
 
 
 def parse_args(argv: Sequence[str] | None, defaults: Settings) -> argparse.Namespace:
@@ -147,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         gunicorn = subprocess.Popen(gunicorn_command(), env=gateway_environment(settings), start_new_session=True,
                                     preexec_fn=terminate_with_parent)
         base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{port}"
-        _wait_for_gateway(base, gunicorn, GATEWAY_START_TIMEOUT_S)
+        _wait_for_gateway(base, gunicorn, START_TIMEOUT_S)
         print(f"\ngateway ready ({settings.workers} workers x {settings.threads} threads)\n"
               f"  web page  {base}/\n  API       POST {base}/v1/detect   (OpenAPI: {base}/openapi.json)\n"
               f"  metrics   {base}/metrics\n  health    {base}/healthz  {base}/readyz\n"

@@ -135,3 +135,17 @@ def test_bad_parameter_value_is_the_callers_error(parameters, client):
     assert next(iter(parameters)) in error.value.message()
     assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert client.is_server_ready()
+
+
+def test_postprocess_refuses_to_load_priors_that_do_not_match_its_loc_input(model_repository, tmp_path):
+    from benchmarks.config_variant import make_variant
+    from ensemble.triton.launcher import TritonServer, TritonStartError
+
+    variant = make_variant(tmp_path / "variant", source=model_repository, clears=["postprocess:input"], merges=[
+        'postprocess:input [ { name: "LOC", data_type: TYPE_FP32, dims: [ 8000, 4 ] }, '
+        '{ name: "CONF", data_type: TYPE_FP32, dims: [ 8000, 2 ] }, '
+        '{ name: "IMAGE", data_type: TYPE_UINT8, dims: [ -1, -1, 3 ] } ]'])
+    with pytest.raises(TritonStartError) as error:
+        TritonServer(variant, ready_timeout=60, log_file=tmp_path / "tritonserver.log").start()
+    assert "model 'postprocess' failed to load" in str(error.value)
+    assert "LOC has 8000 rows in config.pbtxt but ../face_detector/1/priors.npy holds 8892 priors" in str(error.value)

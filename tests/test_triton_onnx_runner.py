@@ -29,7 +29,12 @@ SCALER_MODEL = """
 
     class TritonPythonModel:
         def execute(self, requests):
-            return pb.respond_batched(requests, self._read, lambda batch: {"Y": batch["X"] * batch["factor"]})
+            return pb.respond_batched(requests, self._read, self._scale)
+
+        def _scale(self, batch):
+            if (batch["factor"] < 0).any():  # found only when run, as a model's own failure would be
+                raise ValueError("factor must not be negative")
+            return {"Y": batch["X"] * batch["factor"]}
 
         def _read(self, request):
             x = pb.input_array(request, "X")
@@ -124,3 +129,25 @@ def test_bad_request_fails_alone_while_batched_with_good_ones(client):
             np.testing.assert_allclose(result, x * factor)
     inferences, executions = counts(client, "scaler")
     assert (inferences - inferences_before, executions - executions_before) == (len(factors), 1)
+
+
+def test_a_request_whose_run_fails_fails_alone_when_run_together_with_good_ones(client):
+    factors = [2, -1, 3, 0.5]
+    x = np.array([[1.0, -2.0]], np.float32)
+    _, executions_before = counts(client, "scaler")
+
+    def call(factor):
+        try:
+            return infer(client, "scaler", x, outputs=("Y",), parameters={"factor": factor})["Y"]
+        except InferenceServerException as exc:
+            return exc
+
+    with ThreadPoolExecutor(len(factors)) as pool:
+        results = list(pool.map(call, factors))
+    for factor, result in zip(factors, results):
+        if factor < 0:
+            assert isinstance(result, InferenceServerException) and "must not be negative" in result.message()
+        else:
+            np.testing.assert_allclose(result, x * factor)
+    _, executions = counts(client, "scaler")
+    assert executions - executions_before == 1  # they met in one execute(): the joint run failed, then each alone

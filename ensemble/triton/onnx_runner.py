@@ -1,8 +1,9 @@
 """One Python-backend model that serves any ONNX file with onnxruntime, for Triton builds without that backend.
 
 Staging copies this file as `<model>/<version>/model.py`; it reads `model.onnx` beside itself and its tensor
-names from the model's own config.pbtxt, and batches the way PyTriton does: all requests of one `execute`
-call are concatenated and run through the session once.
+names from the model's own config.pbtxt, and batches the way PyTriton does: the requests of one `execute`
+call whose inputs share their per-item shapes are concatenated and run through the session once (a model
+without batching runs each request alone).
 """
 from __future__ import annotations
 

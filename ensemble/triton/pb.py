@@ -74,7 +74,8 @@ def respond_batched(requests: Sequence, read_inputs: Callable[[Any], Arrays],
                     run: Callable[[Arrays], Arrays]) -> list:
     """Concatenate all requests' inputs along the batch axis, `run` once per shape group, slice outputs back.
 
-    A request whose inputs cannot be read fails alone; a failing `run` fails the requests it was run for.
+    A request whose inputs cannot be read fails alone; when a joint `run` fails, the requests are run one by
+    one, so only those that fail on their own get an error.
     """
     responses: list = [None] * len(requests)
     groups: dict[tuple, list[tuple[int, Arrays]]] = {}
@@ -93,14 +94,24 @@ def respond_batched(requests: Sequence, read_inputs: Callable[[Any], Arrays],
 
 
 def _run_group(members: list[tuple[int, Arrays]], run: Callable[[Arrays], Arrays]) -> list:
-    """One session run for requests whose inputs share their per-item shapes."""
+    """One run for requests whose inputs share their per-item shapes; when it fails, each request runs alone,
+    so only one that fails by itself gets an error."""
+    try:
+        return _joint_run(members, run)
+    except Exception as exc:  # noqa: BLE001
+        if len(members) == 1:
+            return [error_response(exc)]
+        return [response for member in members for response in _run_group([member], run)]
+
+
+def _joint_run(members: list[tuple[int, Arrays]], run: Callable[[Arrays], Arrays]) -> list:
     names = members[0][1].keys()
     joined = {name: np.concatenate([inputs[name] for _, inputs in members]) for name in names}
     sizes = [len(next(iter(inputs.values()))) for _, inputs in members]
-    try:
-        outputs = run(joined)
-    except Exception as exc:  # noqa: BLE001
-        return [error_response(exc) for _ in members]
+    outputs = run(joined)
+    uneven = sorted(name for name, array in outputs.items() if len(array) != sum(sizes))
+    if uneven:
+        raise RuntimeError(f"outputs {uneven} do not have one row per input row ({sum(sizes)})")
     bounds = np.cumsum([0, *sizes])
     return [outputs_response({name: array[start:stop] for name, array in outputs.items()})
             for start, stop in zip(bounds[:-1], bounds[1:])]

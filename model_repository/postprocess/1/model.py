@@ -1,4 +1,4 @@
-"""Triton adapter: raw SSD heads -> faces -> one batched BLS call to the mask classifier per request.
+"""Triton adapter: raw SSD heads -> faces -> the mask classifier over BLS, all faces of a request at once.
 
 The numerics live in ensemble/postprocess.py; this file only moves tensors in and out of Triton.
 """
@@ -20,11 +20,16 @@ class TritonPythonModel:
 
     def initialize(self, args):
         model_dir = Path(args["model_repository"])
-        parameters = pb.config_parameters(pb.model_config(args))
+        config = pb.model_config(args)
+        parameters = pb.config_parameters(config)
         self._params = DetectionParams.from_config(parameters)
         self._labels = tuple(parameters["labels"].split(","))
         self._classifier = parameters["classifier_model"]
         self._priors = load_priors(model_dir / parameters["priors_file"])
+        loc_rows = next(int(spec["dims"][0]) for spec in config["input"] if spec["name"] == "LOC")
+        if loc_rows != len(self._priors.center):  # else every box would be decoded against the wrong prior
+            raise ValueError(f"LOC has {loc_rows} rows in config.pbtxt but {parameters['priors_file']} holds "
+                             f"{len(self._priors.center)} priors")
         self._device_priors = None  # the priors as CuPy arrays, made when heads first arrive on the GPU
         self._chunk = load_config(model_dir.parent / self._classifier).max_batch_size
         if self._chunk < 1:
