@@ -108,11 +108,8 @@ def test_staged_config_as_triton_sees_it(client):
     assert [group.kind for group in config.instance_group] == [ModelInstanceGroup.KIND_CPU]
 
 
-def test_bad_request_fails_alone_while_batched_with_good_ones(client):
-    factors = [2, "not a number", 3, 0.5]
-    x = np.array([[1.0, -2.0]], np.float32)
-    inferences_before, executions_before = counts(client, "scaler")
-
+def _scale_together(client, factors, x):
+    """Each factor's scaler call, sent at once so they meet in one execute(): its Y, or the error it got."""
     def call(factor):
         try:
             return infer(client, "scaler", x, outputs=("Y",), parameters={"factor": factor})["Y"]
@@ -120,8 +117,14 @@ def test_bad_request_fails_alone_while_batched_with_good_ones(client):
             return exc
 
     with ThreadPoolExecutor(len(factors)) as pool:
-        results = list(pool.map(call, factors))
-    for factor, result in zip(factors, results):
+        return list(pool.map(call, factors))
+
+
+def test_bad_request_fails_alone_while_batched_with_good_ones(client):
+    factors = [2, "not a number", 3, 0.5]
+    x = np.array([[1.0, -2.0]], np.float32)
+    inferences_before, executions_before = counts(client, "scaler")
+    for factor, result in zip(factors, _scale_together(client, factors, x)):
         if isinstance(factor, str):
             assert isinstance(result, InferenceServerException)
             assert "factor must be a number" in result.message() and result.status() == "StatusCode.INVALID_ARGUMENT"
@@ -135,16 +138,7 @@ def test_a_request_whose_run_fails_fails_alone_when_run_together_with_good_ones(
     factors = [2, -1, 3, 0.5]
     x = np.array([[1.0, -2.0]], np.float32)
     _, executions_before = counts(client, "scaler")
-
-    def call(factor):
-        try:
-            return infer(client, "scaler", x, outputs=("Y",), parameters={"factor": factor})["Y"]
-        except InferenceServerException as exc:
-            return exc
-
-    with ThreadPoolExecutor(len(factors)) as pool:
-        results = list(pool.map(call, factors))
-    for factor, result in zip(factors, results):
+    for factor, result in zip(factors, _scale_together(client, factors, x)):
         if factor < 0:
             assert isinstance(result, InferenceServerException) and "must not be negative" in result.message()
         else:
