@@ -109,6 +109,28 @@ def test_concurrent_requests_of_mixed_sizes(client, reference_pipeline):
         assert_same(detections, reference_pipeline.detect(IMAGES[name]))
 
 
+def test_same_size_frames_that_queue_together_are_preprocessed_in_one_execution(client, reference_pipeline):
+    # Several cameras of one resolution: their frames meet in preprocess's queue and are blobbed together.
+    names = [name for name in sorted(IMAGES) if IMAGES[name].shape == IMAGES["grace_hopper"].shape][:4]
+    frames = [IMAGES[name] for name in names] * 4
+    expected = [reference_pipeline.detect(frame) for frame in frames]
+
+    def preprocess_counts():
+        stats = client.get_inference_statistics("preprocess").model_stats[0]
+        return stats.inference_count, stats.execution_count
+
+    for _ in range(5):  # the batcher joins only requests that arrive while an execution runs
+        inferences, executions = preprocess_counts()
+        with ThreadPoolExecutor(len(frames)) as pool:
+            served = list(pool.map(lambda frame: detect(client, [frame])[0], frames))
+        for detections, reference in zip(served, expected):
+            assert_same(detections, reference)
+        now_inferences, now_executions = preprocess_counts()
+        if now_executions - executions < now_inferences - inferences:
+            return
+    pytest.fail("16 concurrent same-size frames never shared a preprocess execution in 5 tries")
+
+
 def test_image_without_faces_gives_empty_outputs(client):
     result = client.infer(MODEL, [image_input(NO_FACE[None])])
     shapes = {name: result.as_numpy(name).shape for name in ("BOXES", "SCORES", "LABELS", "LABEL_SCORES")}

@@ -36,6 +36,8 @@ class TritonPythonModel:
             raise ValueError(f"{self._classifier} must batch (max_batch_size >= 1) to take all faces in one call")
 
     def execute(self, requests):
+        # Per request, not joined: a BLS call carries one request's trace, and each request's classifier span
+        # belongs under its own postprocess span.
         return pb.respond_each(requests, self._detect)
 
     def _detect(self, request):

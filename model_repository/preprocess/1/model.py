@@ -5,7 +5,7 @@ from ensemble.triton import pb
 
 
 class TritonPythonModel:
-    """One blob per image of each request."""
+    """One blob per image: the images of all requests that share a size are blobbed in one call, then sliced back."""
 
     def initialize(self, args):
         config = pb.model_config(args)
@@ -17,8 +17,10 @@ class TritonPythonModel:
         self._image, self._blob = image["name"], blob["name"]
 
     def execute(self, requests):
-        return pb.respond_each(requests, self._blobs)
+        return pb.respond_batched(requests, self._read, self._blobs)
 
-    def _blobs(self, request):
-        images = pb.input_array(request, self._image)  # [B, H, W, 3] uint8: one request's images share a size
-        return {self._blob: detector_blobs(list(images))}
+    def _read(self, request):
+        return {self._image: pb.input_array(request, self._image)}  # [B, H, W, 3] uint8: one size per request
+
+    def _blobs(self, inputs):
+        return {self._blob: detector_blobs(list(inputs[self._image]))}
