@@ -159,15 +159,30 @@ def test_bad_parameter_value_is_the_callers_error(parameters, client):
     assert client.is_server_ready()
 
 
-def test_postprocess_refuses_to_load_priors_that_do_not_match_its_loc_input(model_repository, tmp_path):
+def _load_failure(model_repository, tmp_path, edits: dict[str, str]) -> str:
+    """Triton's report when the repository, with each model's edited inputs, is started."""
     from benchmarks.config_variant import make_variant
     from ensemble.triton.launcher import TritonServer, TritonStartError
 
-    variant = make_variant(tmp_path / "variant", source=model_repository, clears=["postprocess:input"], merges=[
-        'postprocess:input [ { name: "LOC", data_type: TYPE_FP32, dims: [ 8000, 4 ] }, '
-        '{ name: "CONF", data_type: TYPE_FP32, dims: [ 8000, 2 ] }, '
-        '{ name: "IMAGE", data_type: TYPE_UINT8, dims: [ -1, -1, 3 ] } ]'])
+    variant = make_variant(tmp_path / "variant", source=model_repository,
+                           clears=[f"{model}:input" for model in edits],
+                           merges=[f"{model}:input [ {inputs} ]" for model, inputs in edits.items()])
     with pytest.raises(TritonStartError) as error:
         TritonServer(variant, ready_timeout=60, log_file=tmp_path / "tritonserver.log").start()
-    assert "model 'postprocess' failed to load" in str(error.value)
-    assert "LOC has 8000 rows in config.pbtxt but ../face_detector/1/priors.npy holds 8892 priors" in str(error.value)
+    return str(error.value)
+
+
+def test_postprocess_refuses_to_load_priors_that_do_not_match_its_loc_input(model_repository, tmp_path):
+    report = _load_failure(model_repository, tmp_path, {"postprocess": (
+        '{ name: "LOC", data_type: TYPE_FP32, dims: [ 8000, 4 ] }, '
+        '{ name: "CONF", data_type: TYPE_FP32, dims: [ 8000, 2 ] }, '
+        '{ name: "IMAGE", data_type: TYPE_UINT8, dims: [ -1, -1, 3 ] }')})
+    assert "model 'postprocess' failed to load" in report
+    assert "LOC has 8000 rows in config.pbtxt but ../face_detector/1/priors.npy holds 8892 priors" in report
+
+
+def test_postprocess_refuses_to_load_a_classifier_whose_input_disagrees_with_the_crops(model_repository, tmp_path):
+    report = _load_failure(model_repository, tmp_path, {
+        "mask_classifier": '{ name: "input", data_type: TYPE_FP32, dims: [ 160, 160, 3 ] }'})
+    assert "model 'postprocess' failed to load" in report
+    assert "declares inputs [('input', (160, 160, 3))]" in report

@@ -31,7 +31,9 @@ class TritonPythonModel:
             raise ValueError(f"LOC has {loc_rows} rows in config.pbtxt but {parameters['priors_file']} holds "
                              f"{len(self._priors.center)} priors")
         self._device_priors = None  # the priors as CuPy arrays, made when heads first arrive on the GPU
-        self._chunk = load_config(model_dir.parent / self._classifier).max_batch_size
+        classifier = load_config(model_dir.parent / self._classifier)
+        _check_classifier_layout(self._classifier, classifier)
+        self._chunk = classifier.max_batch_size
         if self._chunk < 1:
             raise ValueError(f"{self._classifier} must batch (max_batch_size >= 1) to take all faces in one call")
 
@@ -78,6 +80,16 @@ class TritonPythonModel:
                 raise RuntimeError(f"{self._classifier}: {response.error().message()}")
             probabilities.append(pb_utils.get_output_tensor_by_name(response, CLASSIFIER_OUTPUT).as_numpy())
         return np.concatenate(probabilities)
+
+
+def _check_classifier_layout(name: str, config) -> None:
+    """The crops are cut and named as ensemble/layouts.py says: the classifier's config.pbtxt must agree."""
+    declared = [(tensor.name, tuple(tensor.dims)) for tensor in config.input]
+    expected = [(CLASSIFIER_INPUT.tensor, CLASSIFIER_INPUT.dims)]
+    if declared != expected or [tensor.name for tensor in config.output] != [CLASSIFIER_OUTPUT]:
+        raise ValueError(f"{name}'s config.pbtxt declares inputs {declared} and outputs "
+                         f"{[tensor.name for tensor in config.output]}, but ensemble/layouts.py cuts crops for "
+                         f"{expected} and reads {CLASSIFIER_OUTPUT!r}")
 
 
 def _host(tensor) -> np.ndarray:
