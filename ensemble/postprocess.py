@@ -12,36 +12,37 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from array_api_compat import array_namespace
 
+from ensemble.errors import InvalidRequest
 from ensemble.ssd import Array, Priors, decode_boxes, nms
 
 
 def _number(name: str, value: Any) -> float:
     if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise InvalidRequest(f"{name} must be a number, got {value!r}")
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
+        raise InvalidRequest(f"{name} must be a number, got {value!r}") from None
 
 
 def _fraction(name: str, value: Any) -> float:
     number = _number(name, value)
     if not (0.0 < number <= 1.0):
-        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+        raise InvalidRequest(f"{name} must be a number in (0, 1], got {value!r}")
     return number
 
 
 def _positive_int(name: str, value: Any) -> int:
     number = _number(name, value)
     if not (math.isfinite(number) and number.is_integer() and number >= 1):
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        raise InvalidRequest(f"{name} must be an integer >= 1, got {value!r}")
     return int(number)
 
 
 def _non_negative(name: str, value: Any) -> float:
     number = _number(name, value)
     if not (math.isfinite(number) and number >= 0):
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        raise InvalidRequest(f"{name} must be a number >= 0, got {value!r}")
     return number
 
 

@@ -33,14 +33,16 @@ SCALER_MODEL = """
 
         def _scale(self, batch):
             if (batch["factor"] < 0).any():  # found only when run, as a model's own failure would be
-                raise ValueError("factor must not be negative")
+                raise RuntimeError("factor must not be negative")
+            if (batch["factor"] == 7).any():  # a bug: numpy's ValueError is the model's fault, not the caller's
+                np.zeros(3).reshape(2)
             return {"Y": batch["X"] * batch["factor"]}
 
         def _read(self, request):
             x = pb.input_array(request, "X")
             factor = pb.request_parameters(request).get("factor", 1)
             if not isinstance(factor, (int, float)):
-                raise ValueError(f"factor must be a number, got {factor!r}")
+                raise pb.InvalidRequest(f"factor must be a number, got {factor!r}")
             return {"X": x, "factor": np.full((len(x), 1), factor, np.float32)}
 """
 
@@ -141,7 +143,14 @@ def test_a_request_whose_run_fails_fails_alone_when_run_together_with_good_ones(
     for factor, result in zip(factors, _scale_together(client, factors, x)):
         if factor < 0:
             assert isinstance(result, InferenceServerException) and "must not be negative" in result.message()
+            assert result.status() == "StatusCode.INTERNAL"
         else:
             np.testing.assert_allclose(result, x * factor)
     _, executions = counts(client, "scaler")
     assert executions - executions_before == 1  # they met in one execute(): the joint run failed, then each alone
+
+
+def test_a_valueerror_from_a_models_own_bug_is_internal_not_the_callers(client):
+    with pytest.raises(InferenceServerException) as error:
+        infer(client, "scaler", np.array([[1.0, 2.0]], np.float32), outputs=("Y",), parameters={"factor": 7})
+    assert error.value.status() == "StatusCode.INTERNAL" and "cannot reshape" in error.value.message()

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from ensemble.errors import InvalidRequest
+
 Arrays = Mapping[str, np.ndarray]
 
 
@@ -41,7 +43,7 @@ def input_array(request, name: str) -> np.ndarray:
     """One input as numpy; a missing input is the caller's error, not the model's."""
     tensor = _pb_utils().get_input_tensor_by_name(request, name)
     if tensor is None:
-        raise ValueError(f"request has no input {name!r}")
+        raise InvalidRequest(f"request has no input {name!r}")
     return tensor.as_numpy()
 
 
@@ -53,9 +55,9 @@ def outputs_response(outputs: Arrays):
 
 
 def error_response(exc: BaseException):
-    """A response that fails one request: ValueError is the caller's fault (INVALID_ARG), anything else INTERNAL."""
+    """A response that fails one request: InvalidRequest is the caller's fault (INVALID_ARG), anything else INTERNAL."""
     pb_utils = _pb_utils()
-    code = pb_utils.TritonError.INVALID_ARG if isinstance(exc, ValueError) else pb_utils.TritonError.INTERNAL
+    code = pb_utils.TritonError.INVALID_ARG if isinstance(exc, InvalidRequest) else pb_utils.TritonError.INTERNAL
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}", code))
 
 
