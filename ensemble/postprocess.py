@@ -99,3 +99,27 @@ def label_faces(probabilities: np.ndarray, labels: Sequence[str]) -> tuple[np.nd
     best = np.argmax(probabilities, axis=1)
     names = np.asarray(labels, dtype=object)[best]
     return names, probabilities[np.arange(len(best)), best].astype(np.float32)
+
+
+def padded_outputs(boxes: Sequence[np.ndarray], scores: Sequence[np.ndarray], labels: np.ndarray,
+                   label_scores: np.ndarray, counts: Sequence[int]) -> dict[str, np.ndarray]:
+    """Per-image results as [B, N, ...] arrays padded to the largest face count N (zero faces: N = 0).
+
+    `boxes`/`scores` hold one array per image; `labels`/`label_scores` the faces of all images in order,
+    `counts[i]` of them for image i. Padding rows are zeros and empty labels; NUM_DETECTIONS says which are real.
+    """
+    batch, width = len(counts), max(counts, default=0)
+    outputs = {
+        "BOXES": np.zeros((batch, width, 4), np.float32),
+        "SCORES": np.zeros((batch, width), np.float32),
+        "LABELS": np.full((batch, width), b"", dtype=object),
+        "LABEL_SCORES": np.zeros((batch, width), np.float32),
+        "NUM_DETECTIONS": np.asarray(counts, np.int32).reshape(batch, 1),
+    }
+    bounds = np.cumsum([0, *counts])
+    for row, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+        outputs["BOXES"][row, :stop - start] = boxes[row]
+        outputs["SCORES"][row, :stop - start] = scores[row]
+        outputs["LABELS"][row, :stop - start] = labels[start:stop]
+        outputs["LABEL_SCORES"][row, :stop - start] = label_scores[start:stop]
+    return outputs

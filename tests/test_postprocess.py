@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ensemble.layouts import CLASSIFIER_INPUT
-from ensemble.postprocess import DetectionParams, detect_faces, label_faces
+from ensemble.postprocess import DetectionParams, detect_faces, label_faces, padded_outputs
 from ensemble.preprocess import classifier_batch, crop_boxes
 from ensemble.ssd import Priors, decode_boxes, nms, pairwise_iou
 
@@ -146,3 +146,18 @@ def test_label_faces_picks_the_most_probable_label():
     labels, scores = label_faces(np.float32([[0.2, 0.8], [0.9, 0.1]]), ("mask", "no_mask"))
     assert labels.tolist() == ["no_mask", "mask"]
     np.testing.assert_allclose(scores, [0.8, 0.9])
+
+
+def test_outputs_are_padded_to_the_most_faces_and_count_the_real_rows():
+    boxes = [np.array([[1, 2, 3, 4], [5, 6, 7, 8]], np.float32), np.zeros((0, 4), np.float32),
+             np.array([[9, 9, 10, 10]], np.float32)]
+    scores = [np.array([0.9, 0.8], np.float32), np.zeros(0, np.float32), np.array([0.7], np.float32)]
+    labels = np.array([b"mask", b"no_mask", b"mask"], dtype=object)
+    outputs = padded_outputs(boxes, scores, labels, np.array([0.6, 0.5, 0.4], np.float32), [2, 0, 1])
+    assert outputs["NUM_DETECTIONS"].tolist() == [[2], [0], [1]]
+    assert outputs["BOXES"].shape == (3, 2, 4) and outputs["BOXES"][2, 0].tolist() == [9, 9, 10, 10]
+    assert not outputs["BOXES"][1].any() and not outputs["BOXES"][2, 1].any()  # padding rows are zeros
+    assert outputs["LABELS"].tolist() == [[b"mask", b"no_mask"], [b"", b""], [b"mask", b""]]
+    np.testing.assert_allclose(outputs["LABEL_SCORES"], [[0.6, 0.5], [0, 0], [0.4, 0]])
+    assert padded_outputs([np.zeros((0, 4))], [np.zeros(0)], np.array([], object), np.zeros(0), [0])["BOXES"].shape == (
+        1, 0, 4)

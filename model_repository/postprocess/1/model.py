@@ -8,7 +8,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ensemble.layouts import CLASSIFIER_INPUT, CLASSIFIER_OUTPUT
-from ensemble.postprocess import DetectionParams, detect_faces, label_faces
+from ensemble.postprocess import DetectionParams, detect_faces, label_faces, padded_outputs
 from ensemble.preprocess import classifier_batch
 from ensemble.ssd import load_priors, to_host
 from ensemble.triton import pb
@@ -31,6 +31,8 @@ class TritonPythonModel:
             raise ValueError(f"LOC has {loc_rows} rows in config.pbtxt but {parameters['priors_file']} holds "
                              f"{len(self._priors.center)} priors")
         self._device_priors = None  # the priors as CuPy arrays, made when heads first arrive on the GPU
+        # KIND_AUTO gives each GPU its own instance; CuPy must work on that one, not on its current device (0).
+        self._gpu = int(args["model_instance_device_id"]) if args.get("model_instance_kind") == "GPU" else None
         classifier = load_config(model_dir.parent / self._classifier)
         _check_classifier_layout(self._classifier, classifier)
         self._chunk = classifier.max_batch_size
@@ -54,7 +56,7 @@ class TritonPythonModel:
         labels, label_scores = label_faces(self._classify(np.concatenate(crops), request), self._labels)
         counts = [len(image_boxes) for image_boxes in boxes]
         encoded = np.array([label.encode() for label in labels], dtype=object)
-        return _padded(boxes, scores, encoded, label_scores, counts)
+        return padded_outputs(boxes, scores, encoded, label_scores, counts)
 
     def _heads(self, request):
         """LOC, CONF and the priors where the detector left the heads: numpy on the CPU, CuPy (DLPack) on the GPU."""
@@ -62,6 +64,8 @@ class TritonPythonModel:
         if loc.is_cpu() and conf.is_cpu():
             return loc.as_numpy(), conf.as_numpy(), self._priors
         cupy = _cupy("LOC/CONF")
+        if self._gpu is not None:
+            cupy.cuda.Device(self._gpu).use()  # this thread's kernels and allocations go to the instance's GPU
         if self._device_priors is None:
             self._device_priors = self._priors.on(cupy)
         return _on_device(cupy, loc), _on_device(cupy, conf), self._device_priors
@@ -110,22 +114,3 @@ def _cupy(name: str):
         raise RuntimeError(f"{name} arrived in GPU memory but CuPy is not installed; install it or set "
                            "FORCE_CPU_ONLY_INPUT_TENSORS to \"yes\" in config.pbtxt") from exc
     return cupy
-
-
-def _padded(boxes, scores, labels, label_scores, counts) -> dict[str, np.ndarray]:
-    """Per-image results as [B, N, ...] arrays padded to the largest face count N (zero faces: N = 0)."""
-    batch, width = len(counts), max(counts, default=0)
-    outputs = {
-        "BOXES": np.zeros((batch, width, 4), np.float32),
-        "SCORES": np.zeros((batch, width), np.float32),
-        "LABELS": np.full((batch, width), b"", dtype=object),
-        "LABEL_SCORES": np.zeros((batch, width), np.float32),
-        "NUM_DETECTIONS": np.asarray(counts, np.int32).reshape(batch, 1),
-    }
-    bounds = np.cumsum([0, *counts])
-    for row, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
-        outputs["BOXES"][row, :stop - start] = boxes[row]
-        outputs["SCORES"][row, :stop - start] = scores[row]
-        outputs["LABELS"][row, :stop - start] = labels[start:stop]
-        outputs["LABEL_SCORES"][row, :stop - start] = label_scores[start:stop]
-    return outputs
