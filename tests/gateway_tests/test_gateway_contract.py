@@ -101,7 +101,8 @@ def test_request_id_is_echoed_when_safe_and_replaced_when_not(gateway_url, http)
     assert bad.headers["X-Request-ID"] != "<script>" and bad.headers["X-Request-ID"].isalnum()
 
 
-def test_probes_page_and_metrics(gateway_url, http):
+def test_probes_page_and_metrics(gateway_url, http, hopper_jpeg):
+    assert post_image(http, gateway_url, hopper_jpeg).status_code == 200  # so /metrics has a detection to count
     assert http.get(gateway_url + "/healthz").json() == {"status": "ok"}
     ready = http.get(gateway_url + "/readyz").json()
     assert ready["status"] == "ready" and ready["model"] == "mask_detection"

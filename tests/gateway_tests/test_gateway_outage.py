@@ -71,7 +71,10 @@ def test_triton_stopping_under_load_is_503_not_busy_nor_a_fault(gateway_stack, h
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         running = [pool.submit(client) for _ in range(8)]
-        time.sleep(1.0)
+        deadline = time.monotonic() + 30
+        while not any(answer.status_code == 200 for answer in list(answers)):  # served before the stop
+            assert time.monotonic() < deadline, "no request was served before Triton was stopped"
+            time.sleep(0.05)
         stopped = gateway_stack.stop_triton()
         time.sleep(0.5)
         stopping.set()

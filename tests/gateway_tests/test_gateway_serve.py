@@ -1,9 +1,11 @@
 """`python -m gateway.serve` (make run) brings up Triton + gunicorn, says where they are, and Ctrl-C stops both."""
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -17,38 +19,69 @@ pytestmark = pytest.mark.triton
 START_TIMEOUT_S = 120
 
 
+class Serving:
+    """A running `python -m gateway.serve`: its process, the output up to its ready banner, and the rest on exit."""
+
+    def __init__(self, command: list[str], env: dict | None):
+        self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self._lines: queue.Queue = queue.Queue()
+        # A reader thread, so a serve that prints nothing more cannot block a test past its deadline.
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.banner = self._until("Ctrl-C stops both", START_TIMEOUT_S)
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self._lines.put(line)
+        self._lines.put(None)  # end of output
+
+    def _until(self, marker: str | None, timeout_s: float) -> str:
+        output, deadline = [], time.monotonic() + timeout_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                line = self._lines.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            output.append(line)
+            if marker is not None and marker in line:
+                break
+        return "".join(output)
+
+    def rest(self, timeout_s: float) -> str:
+        """Everything printed after the banner, once the process has exited (within `timeout_s`)."""
+        self.process.wait(timeout=timeout_s)
+        return self._until(None, timeout_s)
+
+
 @contextmanager
 def serving(port: int, *flags: str, env: dict | None = None):
-    """`python -m gateway.serve` up to its ready banner: yields (process, banner); killed if the test did not stop it."""
+    """`python -m gateway.serve` up to its ready banner; killed if the test did not stop it."""
     command = [sys.executable, "-u", "-m", "gateway.serve", "--port", str(port), "--workers", "1", "--threads", "2",
                *flags]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
-    output = []
+    served = Serving(command, env)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        for line in process.stdout:
-            output.append(line)
-            if "Ctrl-C stops both" in line or time.monotonic() > deadline:
-                break
-        yield process, "".join(output)
+        yield served
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        if served.process.poll() is None:
+            os.killpg(served.process.pid, signal.SIGKILL)
+            served.process.wait()
 
 
 def test_serve_starts_both_and_ctrl_c_stops_both(model_repository):
     port = free_port()
     with serving(port, "--triton-grpc-port", "0", "--triton-http-port", "0", "--triton-metrics-port", "0",
-                 "--model-repository", str(model_repository)) as (process, banner):
+                 "--model-repository", str(model_repository)) as served:
+        process, banner = served.process, served.banner
         assert f"web page  http://127.0.0.1:{port}/" in banner, banner
         assert f"metrics   http://127.0.0.1:{port}/metrics" in banner
         triton_grpc = re.search(r"triton    grpc (\S+)", banner).group(1)
         assert requests.get(f"http://127.0.0.1:{port}/readyz", timeout=10).json()["triton"] == triton_grpc
 
         process.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
-        rest, _ = process.communicate(timeout=90)
+        rest = served.rest(timeout_s=90)
         assert process.returncode == 0, banner + rest
         assert "gateway stopped (exit code 0)" in rest and "tritonserver stopped (exit code 0)" in rest
         with pytest.raises(requests.ConnectionError):
@@ -59,13 +92,14 @@ def test_serve_uses_the_triton_that_gateway_triton_url_names(gateway_stack):
     """With GATEWAY_TRITON_URL set, `make run` fronts that Triton and starts none of its own."""
     triton, port = gateway_stack.triton, free_port()
     environment = {**os.environ, "GATEWAY_TRITON_URL": triton.grpc_url, "GATEWAY_TRITON_METRICS_URL": triton.metrics_url}
-    with serving(port, env=environment) as (process, banner):
+    with serving(port, env=environment) as served:
+        process, banner = served.process, served.banner
         assert "starting tritonserver" not in banner, banner
         assert f"triton    grpc {triton.grpc_url}" in banner, banner
         ready = requests.get(f"http://127.0.0.1:{port}/readyz", timeout=10)
         assert ready.status_code == 200 and ready.json()["triton"] == triton.grpc_url
         process.send_signal(signal.SIGINT)
-        rest, _ = process.communicate(timeout=60)
+        rest = served.rest(timeout_s=60)
         assert process.returncode == 0 and "tritonserver stopped" not in rest, rest
         assert triton.running  # the Triton it was pointed at is not its to stop
 
@@ -74,7 +108,8 @@ def test_serve_killed_outright_leaves_no_gateway_behind(gateway_stack):
     """SIGKILL gives serve no chance to stop gunicorn (its own session): the kernel's parent-death signal does."""
     triton, port = gateway_stack.triton, free_port()
     environment = {**os.environ, "GATEWAY_TRITON_URL": triton.grpc_url, "GATEWAY_TRITON_METRICS_URL": triton.metrics_url}
-    with serving(port, env=environment) as (process, banner):
+    with serving(port, env=environment) as served:
+        process, banner = served.process, served.banner
         assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200, banner
         process.kill()  # serve alone, not its children's sessions
         process.wait()

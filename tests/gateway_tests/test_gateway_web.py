@@ -23,10 +23,10 @@ def _binary(*names):
 @pytest.fixture(scope="module")
 def browser():
     """Headless Chromium driven through chromedriver (Debian's chromium + chromium-driver), fresh profile."""
-    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium import webdriver  # a test dependency (setup.cfg extra "test")
     chromium, chromedriver = _binary("chromium", "chromium-browser"), _binary("chromedriver")
     if not (chromium and chromedriver):
-        pytest.skip("chromium / chromedriver not installed (make system-deps installs them)")
+        pytest.fail("chromium / chromedriver not installed (make system-deps installs them)")
     profile = tempfile.mkdtemp(prefix="gateway-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium

@@ -51,14 +51,17 @@ def _server_span_for(spans, request_id):
 
 
 def _complete_trace(request_id):
-    """Condition: the request's server span, its CLIENT span and Triton's spans down to the BLS call arrived."""
+    """Condition: the request's server span, its CLIENT span and every Triton span (the ensemble, each composing
+    model and the BLS call under postprocess) arrived; they end, and are exported, in no fixed order."""
+    wanted = {(GATEWAY_SERVICE, "encode"), (TRITON_SERVICE, "InferRequest"), (TRITON_SERVICE, ENSEMBLE),
+              (TRITON_SERVICE, BLS_MODEL), *((TRITON_SERVICE, model) for model in COMPOSING_MODELS)}
+
     def condition(spans):
         server = _server_span_for(spans, request_id)
         if server is None:
             return False
         names = {(span.service, span.name) for span in spans if span.trace_id == server.trace_id}
-        return ({(GATEWAY_SERVICE, "encode"), (TRITON_SERVICE, "InferRequest"), (TRITON_SERVICE, BLS_MODEL)} <= names
-                and any(span.kind == "CLIENT" for span in spans if span.trace_id == server.trace_id))
+        return wanted <= names and any(span.kind == "CLIENT" for span in spans if span.trace_id == server.trace_id)
     return condition
 
 
