@@ -150,6 +150,27 @@ def test_triton_image_has_cupy_for_the_models_that_keep_their_inputs_on_the_gpu(
     assert '"cupy-cuda12x>=13,<14"' in dockerfile and "import cupy," in dockerfile
 
 
+def test_models_accelerated_by_tensorrt_build_their_engines_before_ready_and_keep_them(compose):
+    """Warm-up at batch 1 and at max_batch_size, so the engine covers every batch before the first request; the
+    engine cache path lives on a volume, so a re-created container does not build again."""
+    from ensemble.triton.config import load_config
+
+    repository = COMPOSE_DIR.parent / "model_repository"
+    accelerated = {}
+    for path in sorted(repository.glob("*/config.pbtxt")):
+        config = load_config(path)
+        for accelerator in config.optimization.execution_accelerators.gpu_execution_accelerator:
+            if accelerator.name == "tensorrt":
+                accelerated[config.name] = (config, accelerator.parameters["trt_engine_cache_path"])
+    assert set(accelerated) == {"face_detector", "mask_classifier"}
+    mounts = [volume.split(":") for volume in compose["services"]["triton"]["volumes"]]
+    for name, (config, cache_path) in accelerated.items():
+        assert sorted(warmup.batch_size for warmup in config.model_warmup) == [1, config.max_batch_size], name
+        assert all(set(warmup.inputs) == {tensor.name for tensor in config.input} for warmup in config.model_warmup)
+        assert any(cache_path.startswith(target + "/") and source in compose["volumes"]
+                   for source, target, *_ in mounts), f"{name}: {cache_path} is not on a named volume"
+
+
 def test_every_service_has_a_healthcheck_on_a_port_it_listens_on(services):
     for name, service in services.items():
         check = service.get("healthcheck")
