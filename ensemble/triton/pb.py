@@ -108,7 +108,8 @@ def _run_group(members: list[tuple[int, Arrays]], run: Callable[[Arrays], Arrays
 
 def _joint_run(members: list[tuple[int, Arrays]], run: Callable[[Arrays], Arrays]) -> list:
     names = members[0][1].keys()
-    joined = {name: np.concatenate([inputs[name] for _, inputs in members]) for name in names}
+    joined = members[0][1] if len(members) == 1 else {  # a lone request's arrays need no copy
+        name: np.concatenate([inputs[name] for _, inputs in members]) for name in names}
     sizes = [len(next(iter(inputs.values()))) for _, inputs in members]
     outputs = run(joined)
     uneven = sorted(name for name, array in outputs.items() if len(array) != sum(sizes))
