@@ -6,37 +6,48 @@ PIP := $(VENV)/bin/pip
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv system-deps models run test bench clean
+.PHONY: help venv run-deps system-deps models run test bench clean
 
 help:
-	@echo "make run    - build models if needed, start tritonserver (CPU) + gateway on 127.0.0.1:8080"
-	@echo "make test   - build models if needed, run the whole test suite"
-	@echo "make bench  - side-by-side benchmarks (in-process, Triton, gateway)"
+	@echo "make run     - build models if needed, start tritonserver (CPU) + gateway on 127.0.0.1:8080 (RUN_ARGS=...)"
+	@echo "make test    - build models if needed, run the whole test suite (PYTEST_ARGS=...)"
+	@echo "make bench   - side-by-side benchmarks: in-process, Triton, gateway (BENCH_ARGS=...)"
+	@echo "make models  - fetch the pinned weights and export the ONNX models (a no-op when current)"
+	@echo "make venv    - create .venv and install the project with its gateway and test extras"
+	@echo "make system-deps - the Debian packages the tests and benchmarks use (run-deps: those make run needs)"
+	@echo "make clean   - remove the exported models, test artifacts and benchmark runs (keeps .venv, the"
+	@echo "               downloaded weights and the kept reference run)"
 
 $(INSTALLED): setup.cfg pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
+	test -x $(PIP) || python3 -m venv --clear $(VENV)
 	$(PIP) install -q --disable-pip-version-check --upgrade pip wheel
 	$(PIP) install -q --disable-pip-version-check -e '.[gateway,test]'
 	touch $@
 
 venv: $(INSTALLED)
 
-# Debian packages the tests run for real: libpython for Triton's Python-backend stub, libb64 for perf_analyzer,
-# Chromium for the web page, Prometheus (promtool) and Alertmanager (amtool) for rules and dashboards,
-# wrk for the gateway benchmark.
-SYSTEM_PACKAGES := libpython3.11 libb64-0d chromium chromium-driver prometheus prometheus-alertmanager wrk
-system-deps:
-	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+# Debian packages. make run needs only libpython (of the venv's Python) for Triton's Python-backend stub.
+# The tests and benchmarks also run libb64 for perf_analyzer, Chromium for the web page, Prometheus (promtool)
+# and Alertmanager (amtool) for rules and dashboards, and wrk for the gateway benchmark.
+RUN_PACKAGES = libpython$(shell $(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+TEST_PACKAGES := libb64-0d chromium chromium-driver prometheus prometheus-alertmanager wrk
+define apt_install
+	@missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages: $$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) $$missing >/dev/null; \
 	fi
+endef
+run-deps: venv
+	$(call apt_install,$(RUN_PACKAGES),--no-install-recommends)
+system-deps: run-deps
+	$(call apt_install,$(TEST_PACKAGES),)
 
 # Fetch the pinned weights and export both ONNX models; a no-op when they are up to date.
 models: venv
 	$(PY) -m ensemble.build
 
-run: venv system-deps models
+run: venv run-deps models
 	$(PY) -m gateway.serve $(RUN_ARGS)
 
 test: venv system-deps models
@@ -46,4 +57,6 @@ bench: venv system-deps models
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
 clean:
-	rm -rf .cache/onnx artifacts .pytest_cache
+	rm -rf artifacts .pytest_cache model_repository/*/1/model.onnx model_repository/*/1/priors.npy \
+	  model_repository/*/1/.build.json
+	find benchmarks/results -mindepth 1 -maxdepth 1 ! -name reference -exec rm -rf {} +

@@ -58,10 +58,13 @@ def fingerprint(build: ModelBuild, weights: WeightFiles) -> str:
 
 
 def is_current(model_dir: Path, expected: str) -> bool:
+    """Exported from the same inputs, and every file that export wrote (model.onnx, priors.npy) still there."""
     stamp = model_dir / STAMP_FILE
-    if not (stamp.exists() and (model_dir / "model.onnx").exists()):
+    if not stamp.exists():
         return False
-    return json.loads(stamp.read_text()).get("fingerprint") == expected
+    recorded = json.loads(stamp.read_text())
+    written = recorded.get("files", [MODEL_FILE])
+    return recorded.get("fingerprint") == expected and all((model_dir / name).is_file() for name in written)
 
 
 def verify(repository: Path, name: str) -> str:
@@ -91,7 +94,9 @@ def build(repository: Path = DEFAULT_REPOSITORY, force: bool = False, log=print)
             continue
         started = time.perf_counter()
         report = model.export(*model.weights(weights), model_dir)
-        onnx_io.write_atomically(model_dir / STAMP_FILE, json.dumps({"fingerprint": expected, **report}, default=str).encode())
+        written = sorted(path.name for path in model_dir.iterdir() if path.is_file() and path.name != STAMP_FILE)
+        onnx_io.write_atomically(model_dir / STAMP_FILE, json.dumps(
+            {"fingerprint": expected, "files": written, **report}, default=str).encode())
         log(f"{model.name}: exported to {model_dir / 'model.onnx'} in {time.perf_counter() - started:.1f}s {report}")
         log(verify(repository, model.name))
         exported.append(model.name)

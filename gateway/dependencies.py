@@ -17,6 +17,9 @@ def register_settings(app: Flask, config: Mapping[str, Any] | None) -> Settings:
     app.config.update(config or {})
     loaded = app.config.setdefault(SETTINGS_KEY, Settings.from_env())
     app.config.setdefault("MAX_CONTENT_LENGTH", loaded.max_body_bytes)  # views raise it for multipart/batch
+    # The multipart form's own limits, set here rather than left to whichever werkzeug is installed.
+    app.config.setdefault("MAX_FORM_PARTS", 1000)
+    app.config.setdefault("MAX_FORM_MEMORY_SIZE", 500_000)  # bytes of one text field
     app.json.sort_keys = False  # keep response keys in the documented order
     return loaded
 

@@ -64,6 +64,20 @@ def test_a_changed_fingerprint_makes_a_model_stale(model_repository, tmp_path):
         assert not is_current(copy, fingerprint(model, weights))
 
 
+def test_a_model_missing_a_file_its_export_wrote_is_stale(model_repository, tmp_path):
+    weights = fetch_weights()
+    model = next(build for build in BUILDS if build.name == "face_detector")
+    model_dir, copy = model_repository / model.name / "1", tmp_path / model.name
+    copy.mkdir()
+    for name in ("model.onnx", "priors.npy"):
+        shutil.copy(model_dir / name, copy)
+    stamp = json.loads((model_dir / STAMP_FILE).read_text())
+    (copy / STAMP_FILE).write_text(json.dumps({**stamp, "files": ["model.onnx", "priors.npy"]}))
+    assert is_current(copy, fingerprint(model, weights))
+    (copy / "priors.npy").unlink()  # postprocess could not load without it
+    assert not is_current(copy, fingerprint(model, weights))
+
+
 def test_the_command_reports_what_it_did(model_repository):
     proc = subprocess.run([sys.executable, "-m", "ensemble.build"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
