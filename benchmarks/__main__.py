@@ -140,7 +140,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _reference_slice(meter: bench_reference.ReferenceMeter, seconds: float, level: int, progress: Progress) -> None:
-    piece = meter.measure(seconds, label=f"before c={level}")
+    piece = meter.measure(seconds, label=f"beside c={level}")  # before it, or after it on alternate levels
     progress.log(f"in-process slice {piece['label']}: {piece['throughput_images_per_s']:.1f} images/s "
                  f"({piece['images']} in {piece['elapsed_s']:.1f} s)")
 

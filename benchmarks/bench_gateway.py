@@ -439,7 +439,9 @@ class GatewaySweep:
             timing_breakdown(gateway.url, self.bodies, passes=1)  # every body once: checks the answers
             self._check_transport(server.grpc_url, gateway.session)
             if settings.warmup_s:
-                run_wrk(self.binary, gateway.url, self.body_list, max(2, 2 * gateway.settings.workers),
+                # as many connections as the largest level, so every shared-memory region it needs exists first
+                run_wrk(self.binary, gateway.url, self.body_list, max(2, 2 * gateway.settings.workers,
+                                                                      *self.concurrency),
                         settings.warmup_s, settings, self.wrk_log)
             timing = self.document["server_timing_c1"] = timing_breakdown(
                 gateway.url, self.bodies, passes=settings.paired_passes, images=self.images, grpc_url=server.grpc_url)
