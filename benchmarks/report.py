@@ -8,10 +8,9 @@ layers may be missing), so a results folder can be re-reported later:
 """
 from __future__ import annotations
 
-import re
-
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path

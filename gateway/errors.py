@@ -144,10 +144,15 @@ def error_kind(error: ApiError | None, status: int) -> str:
     return "client" if 400 <= status < 500 else "internal"
 
 
+def error_document(code: str, message: str, request_id: str | None) -> dict:
+    """The JSON body of every error answer, in the app and in front of it."""
+    return {"error": {"code": code, "message": message}, "request_id": request_id}
+
+
 def error_response(status: int, code: str, message: str, error: ApiError | None = None):
     """A JSON error response in the one shape every endpoint uses; the code is kept for metrics and the access log."""
     g.error_code, g.error_kind = code, error_kind(error, status)
-    response = jsonify({"error": {"code": code, "message": message}, "request_id": g.get("request_id")})
+    response = jsonify(error_document(code, message, g.get("request_id")))
     response.status_code = status
     if status in RETRYABLE_STATUSES:
         response.headers["Retry-After"] = str(current_app.config["SETTINGS"].retry_after_s)
@@ -157,7 +162,7 @@ def error_response(status: int, code: str, message: str, error: ApiError | None 
 def _too_large_message() -> str:
     """Which limit a 413 from werkzeug hit: the body's size, or (a body within it) the multipart form's own limits."""
     limit, declared = request.max_content_length, request.content_length
-    form_limits = (f"at most {request.max_form_parts} parts and {request.max_form_memory_size} bytes per text field")
+    form_limits = f"at most {request.max_form_parts} parts and {request.max_form_memory_size} bytes per text field"
     if declared is not None and limit is not None and declared <= limit:
         return f"the multipart form exceeds its limits: {form_limits}"
     if declared is None and request.mimetype == "multipart/form-data":

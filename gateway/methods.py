@@ -10,7 +10,7 @@ from http import HTTPStatus
 
 from flask import Flask
 
-from gateway.errors import MethodNotImplemented, error_entry, status_of
+from gateway.errors import MethodNotImplemented, error_document, status_of
 from gateway.request_id import HEADER, request_id_from
 
 # RFC 9110's methods and PATCH (RFC 5789): a known method the route lacks is still Flask's 405.
@@ -27,7 +27,7 @@ def register_method_guard(app: Flask) -> None:
         error = MethodNotImplemented("the request method is not an HTTP method; this API uses GET, HEAD, POST "
                                      "and OPTIONS")
         request_id = request_id_from(environ.get("HTTP_X_REQUEST_ID"))
-        body = json.dumps({"error": error_entry(error), "request_id": request_id}).encode()
+        body = json.dumps(error_document(error.code, error.message, request_id)).encode()
         status = status_of(error)
         start_response(f"{status} {HTTPStatus(status).phrase}", [
             ("Content-Type", "application/json"), ("Content-Length", str(len(body))), (HEADER, request_id)])

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from werkzeug.datastructures import MultiDict
 
 from gateway.errors import InvalidParameter, ParameterOutOfRange
 
 MAX_FACES_LIMIT = 1000
-PARAMETER_NAMES = ("confidence", "iou", "max_faces")  # the query parameters of both detection endpoints
 
 
 @dataclass(frozen=True)
@@ -27,6 +26,10 @@ class DetectParams:
         """
         return {name: repr(value) if isinstance(value, float) else value
                 for name, value in asdict(self).items() if value is not None}
+
+
+# the query parameters of both detection endpoints
+PARAMETER_NAMES = tuple(field.name for field in fields(DetectParams))
 
 
 def _unit_interval(name: str, raw: str) -> float:
