@@ -45,7 +45,7 @@ from benchmarks.image_set import benchmark_images, describe
 from benchmarks.model_inputs import ENSEMBLE
 from benchmarks.triton_stats import model_stats, stats_delta
 from ensemble.reference import DEFAULT_REPOSITORY
-from ensemble.triton.launcher import TritonServer, TritonStartError, terminate_with_parent
+from ensemble.triton.launcher import TritonServer, TritonStartError, with_parent_death_signal
 
 SCHEMA = "facemask.bench.gateway/1"
 LUA_SCRIPT = Path(__file__).with_name("wrk_bodies.lua")
@@ -150,8 +150,8 @@ class Gateway:
             env.pop(name, None)  # no span export, a fresh metrics directory: the same work on every machine
         began = time.monotonic()
         self._log = open(self.log_file, "wb") if self.log_file else subprocess.DEVNULL
-        self._process = subprocess.Popen(gunicorn_command(), env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                         start_new_session=True, preexec_fn=terminate_with_parent)
+        self._process = subprocess.Popen(with_parent_death_signal(gunicorn_command()), env=env, stdout=self._log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
         try:
             self._wait_ready()
         except BaseException:

@@ -142,10 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                            triton_url=triton_url, triton_metrics_url=triton_metrics_url)
         # Its own session: Ctrl-C reaches only us, and we stop gunicorn gracefully with SIGTERM. Should we be
         # killed outright, the kernel sends it SIGTERM (as the launcher does for Triton): nothing is left serving.
-        from ensemble.triton.launcher import terminate_with_parent
+        from ensemble.triton.launcher import with_parent_death_signal
 
-        gunicorn = subprocess.Popen(gunicorn_command(), env=gateway_environment(settings), start_new_session=True,
-                                    preexec_fn=terminate_with_parent)
+        gunicorn = subprocess.Popen(with_parent_death_signal(gunicorn_command()), env=gateway_environment(settings),
+                                    start_new_session=True)
         base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{port}"
         _wait_for_gateway(base, gunicorn, START_TIMEOUT_S)
         print(f"\ngateway ready ({settings.workers} workers x {settings.threads} threads)\n"

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import importlib.util
 import json
 import os
@@ -27,7 +26,6 @@ from ensemble.triton.staging import stage_runtime_repository
 CANONICAL_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 STOP_GRACE_S = 40.0  # Triton itself waits up to 30 s (--exit-timeout-secs) for in-flight requests
 LOG_TAIL_LINES = 40
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 SHARED_MEMORY_DIR = Path("/dev/shm")
 PYTHON_BACKEND_REGION_PREFIX = "triton_python_backend_shm_region_"  # how the Python backend names its /dev/shm pools
 FAILED_LOAD = re.compile(r"failed to load '(?P<model>[^']+)' version \d+: (?P<reason>.*?)\"?$")
@@ -163,8 +161,8 @@ class TritonServer:
             self._log_path = self.log_file or self._workdir / "tritonserver.log"
             self._log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self._log_path, "wb") as log:
-                self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                 start_new_session=True, preexec_fn=terminate_with_parent)
+                self._process = subprocess.Popen(with_parent_death_signal(command), stdout=log,
+                                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
             self._wait_until_ready()
         except BaseException:
             self.stop(grace=5)
@@ -307,10 +305,15 @@ def python_backend_regions(process_group: int) -> list[Path]:
     return regions
 
 
-def terminate_with_parent() -> None:
-    """A Popen preexec_fn: SIGTERM when the starting thread dies, so a killed launcher or test run leaves no server."""
-    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+def with_parent_death_signal(command: Sequence[str]) -> list[str]:
+    """`command` set to get SIGTERM when the thread that starts it dies, so a killed launcher or test run leaves no
+    server. setpriv (util-linux) sets the signal and execs the command in the same process.
+
+    Done by a program rather than a Popen preexec_fn: a preexec_fn makes subprocess fork(), which runs every
+    pthread_atfork handler, and gRPC's can block forever in a process whose gRPC threads are busy (a test run
+    hung there). Without one, subprocess starts the child with vfork, which runs none.
+    """
+    return ["setpriv", "--pdeathsig", "TERM", "--", *command]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,7 +22,7 @@ import requests
 from openapi_schema_validator import OAS31Validator
 
 from ensemble.ssd import pairwise_iou
-from ensemble.triton.launcher import TraceSettings, TritonServer, terminate_with_parent
+from ensemble.triton.launcher import TraceSettings, TritonServer, with_parent_death_signal
 from gateway.serve import free_port, gunicorn_command  # free_port: the tests import it from here
 
 EXIF_ORIENTATION_TAG = 0x0112
@@ -164,9 +164,9 @@ class Gunicorn:
 
     def start(self, ready_path: str = "/readyz") -> "Gunicorn":
         self._log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(gunicorn_command(), cwd=REPO_ROOT, env=self.env, stdout=self._log,
-                                        stderr=subprocess.STDOUT, start_new_session=True,
-                                        preexec_fn=terminate_with_parent)  # a killed test run leaves no gateway
+        self.process = subprocess.Popen(with_parent_death_signal(gunicorn_command()),  # a killed test run leaves
+                                        cwd=REPO_ROOT, env=self.env, stdout=self._log,      # no gateway
+                                        stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             assert self.process.poll() is None, f"gunicorn exited; see {self.log_path}"
