@@ -1,5 +1,5 @@
 """The gateway's decode for inference on camera-sized JPEGs: a full decode + resize vs libjpeg's scaled decode,
-and its shrink filter vs an area average.
+and its shrink filter vs an area average; and its JPEG decoder (TurboJPEG) vs OpenCV's imdecode.
 
 The gateway downscales every image to GATEWAY_MAX_SIDE (1280) before Triton. A JPEG at least twice that
 size is decoded straight to 1/2, 1/4 or 1/8 scale (gateway.imaging.decode_for_inference) instead of at
@@ -12,6 +12,10 @@ interleaved, on a real photograph upscaled to common camera sizes:
 
 Per size: the median milliseconds of each way (one thread, this process) and the gateway's way's ratio to
 the other two. The 1080p frame is below 2 x 1280, so it is decoded at full size either way.
+
+Decoders: the gateway hands a JPEG without EXIF to libjpeg-turbo's TurboJPEG API (simplejpeg), which gives
+exactly OpenCV's pixels (tests/gateway_tests/test_gateway_imaging.py); both decode the `make bench` bodies
+(benchmarks/image_set.py at quality 95) and the camera frames at full size, interleaved.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import numpy as np
 
 from benchmarks.common import machine_info, machine_line, uptime_line, write_json
 from benchmarks.image_set import benchmark_images
-from gateway.imaging import decode_for_inference, decode_image, fit_within, jpeg_reduction
+from gateway.imaging import TURBOJPEG, decode_for_inference, decode_image, fit_within, jpeg_reduction
 from gateway.settings import Settings
 
 SCHEMA = "facemask.bench.decode/1"
@@ -73,8 +77,36 @@ def run(*, rounds: int = 15, log=print) -> dict:
             f"full decode {medians['full_decode']:6.1f} ms, scaled decode + area shrink "
             f"{medians['area_shrink']:6.1f} ms, the gateway's way {medians['scaled_decode']:6.1f} ms "
             f"(ratios {document['frames'][name]['ratio']}, {document['frames'][name]['ratio_to_area_shrink']})")
+    document["decoders"] = compare_decoders(rounds, log)
     document["uptime_end"] = uptime_line()
     return document
+
+
+def compare_decoders(rounds: int, log=print) -> dict:
+    """OpenCV's imdecode vs the gateway's decode (TurboJPEG for these EXIF-free JPEGs), full size, interleaved."""
+    bench_set = [cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+                 for image in benchmark_images().values()]
+    sets = {"bench bodies (q95)": bench_set, **{name: [data] for name, data in camera_frames().items()}}
+    ways = {"opencv": lambda data: cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR),
+            TURBOJPEG: lambda data: decode_for_inference(data, Settings().max_pixels, 0)}
+    results = {}
+    for name, bodies in sets.items():
+        for data in bodies:
+            if decode_for_inference(data, Settings().max_pixels, 0).decoder != TURBOJPEG:
+                raise RuntimeError(f"{name}: the gateway did not decode a plain JPEG with TurboJPEG")
+        timings = {way: [] for way in ways}
+        for _ in range(rounds):
+            for way, function in ways.items():
+                began = time.perf_counter()
+                for data in bodies:
+                    function(data)
+                timings[way].append((time.perf_counter() - began) * 1e3 / len(bodies))
+        medians = {way: round(float(np.median(values)), 3) for way, values in timings.items()}
+        results[name] = {"images": len(bodies), "median_ms_per_image": medians,
+                         "ratio": round(medians[TURBOJPEG] / medians["opencv"], 3)}
+        log(f"decoders, {name}: OpenCV {medians['opencv']:.2f} ms, TurboJPEG {medians[TURBOJPEG]:.2f} ms per image "
+            f"(ratio {results[name]['ratio']})")
+    return results
 
 
 def _scaled_decode(data: bytes, settings: Settings, area_shrink: bool = False):

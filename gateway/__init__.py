@@ -15,6 +15,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # Imported here, not at module level: gunicorn's master imports gateway.settings and must stay free of
     # cv2/gRPC/OpenTelemetry state that would be copied into every forked worker.
     from gateway.access_log import register_access_log
+    from gateway.after_response import register_after_response
     from gateway.blueprints import register_blueprints
     from gateway.blueprints.metrics import register_metrics
     from gateway.dependencies import register_settings
@@ -29,6 +30,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app = Flask(__name__)
     settings = register_settings(app, config)
     register_logging(app, settings)
+    register_after_response(app)  # first: its after_request runs last and collects what the others deferred
     register_request_id(app)
     register_server_timing(app)
     register_access_log(app, settings)  # its after_request runs after the others (Flask runs them in reverse)

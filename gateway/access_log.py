@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 
 from flask import Flask, g, request
 
+from gateway.after_response import after_response
 from gateway.operational import OPERATIONAL_PATHS
 from gateway.server_timing import current_timings
 from gateway.settings import OFF, Settings
@@ -75,5 +76,6 @@ def register_access_log(app: Flask, settings: Settings) -> None:
     @app.after_request
     def _log_request(response):
         if request.path not in OPERATIONAL_PATHS:
-            logger.info(json.dumps(access_record(response.status_code), separators=(",", ":")))
+            record = access_record(response.status_code)
+            after_response(lambda: logger.info(json.dumps(record, separators=(",", ":"))))
         return response

@@ -62,7 +62,7 @@ def detect_in_image(data: bytes, params: DetectParams, settings: Settings, detec
         scaled = fit_within(decoded.pixels, settings.max_side, (decoded.width, decoded.height))
         span.set_attributes({"image.width": decoded.width, "image.height": decoded.height,
                              "image.sent_width": int(scaled.pixels.shape[1]),
-                             "image.sent_height": int(scaled.pixels.shape[0])})
+                             "image.sent_height": int(scaled.pixels.shape[0]), "image.decoder": decoded.decoder})
     decode_ms = _elapsed_ms(start)
 
     start = time.perf_counter()

@@ -7,12 +7,18 @@ from dataclasses import dataclass
 import cv2
 import imagesize
 import numpy as np
+import simplejpeg
 
 from gateway.errors import EmptyBody, ImageTooLarge, InvalidImage
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 JPEG_START_OF_SCAN = b"\xff\xda"
 JPEG_END_OF_IMAGE = b"\xff\xd9"
+JPEG_EXIF_HEADER = b"Exif\x00\x00"  # what starts an APP1 segment holding EXIF
+# Which library decoded an image (the decode span's image.decoder). TurboJPEG is libjpeg-turbo's own API (through
+# simplejpeg): the library and settings OpenCV's JPEG reader uses, so the same pixels, with less overhead around
+# them (0.2 ms less per camera frame here; see benchmarks/bench_decode.py).
+TURBOJPEG, OPENCV = "turbojpeg", "opencv"
 
 
 def header_size(data: bytes) -> tuple[int, int]:
@@ -48,18 +54,53 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """Decode to HxWx3 uint8 BGR with EXIF orientation applied; gray, alpha and 16-bit become 8-bit BGR.
 
     `cv2.IMREAD_COLOR` does all of that in one pass: it rotates by the EXIF Orientation tag, drops alpha,
-    replicates gray and scales 16-bit samples down to 8 bits.
+    replicates gray and scales 16-bit samples down to 8 bits. A JPEG without EXIF, which has none of these,
+    goes to TurboJPEG instead.
     """
     return decode_for_inference(data, max_pixels, max_side=0).pixels
 
 
-def _decode(data: bytes, flags: int) -> np.ndarray:
-    if data.startswith(JPEG_MAGIC) and _jpeg_is_truncated(data):
-        raise InvalidImage("JPEG data is truncated (no end-of-image marker)")
+def _jpeg_without_exif(data: bytes) -> bool:
+    """Whether the JPEG's segments up to its first scan are well-formed and none of them is EXIF.
+
+    Only such a JPEG goes to TurboJPEG, which ignores the EXIF Orientation that OpenCV applies; anything this walk
+    cannot follow goes to OpenCV too.
+    """
+    position = len(JPEG_MAGIC) - 1  # the first marker after start-of-image
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return False
+        marker = data[position + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            position += 1
+            continue
+        if marker == 0xDA:  # start of scan: the header is over
+            return True
+        length = int.from_bytes(data[position + 2:position + 4], "big")
+        if marker == 0x01 or 0xD0 <= marker <= 0xD9 or length < 2:  # a marker without a segment is out of place here
+            return False
+        if marker == 0xE1 and data[position + 4:position + 4 + len(JPEG_EXIF_HEADER)] == JPEG_EXIF_HEADER:
+            return False
+        position += 2 + length
+    return False
+
+
+def _decode(data: bytes, factor: int, width: int, height: int) -> tuple[np.ndarray, str]:
+    """(pixels, decoder) of an image whose header says `width` x `height`, a JPEG at 1/`factor` scale."""
+    if data.startswith(JPEG_MAGIC):
+        if _jpeg_is_truncated(data):
+            raise InvalidImage("JPEG data is truncated (no end-of-image marker)")
+        if _jpeg_without_exif(data):
+            scaled = {"min_height": -(-height // factor), "min_width": -(-width // factor), "min_factor": factor}
+            try:
+                return simplejpeg.decode_jpeg(data, colorspace="BGR", **(scaled if factor > 1 else {})), TURBOJPEG
+            except ValueError:
+                pass  # CMYK, 12-bit or damaged data: OpenCV makes of it what it did before TurboJPEG was tried
+    flags = dict(REDUCED_JPEG_READS).get(factor, cv2.IMREAD_COLOR)
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
     if image is None or image.size == 0:
         raise InvalidImage("image data is corrupt or truncated and could not be decoded")
-    return image
+    return image, OPENCV
 
 
 # libjpeg scales a JPEG down by 2, 4 or 8 while decoding (in the DCT), at a fraction of a full decode's cost.
@@ -74,6 +115,7 @@ class DecodedImage:
     pixels: np.ndarray  # BGR as displayed (EXIF orientation applied)
     width: int  # of the image as displayed, at full resolution
     height: int
+    decoder: str  # TURBOJPEG or OPENCV
 
 
 def jpeg_reduction(longest_side: int, max_side: int) -> int:
@@ -93,13 +135,13 @@ def decode_for_inference(data: bytes, max_pixels: int, max_side: int) -> Decoded
         raise EmptyBody("the request carried no image bytes")
     width, height = check_pixel_count(data, max_pixels)
     factor = jpeg_reduction(max(width, height), max_side) if data.startswith(JPEG_MAGIC) else 1
-    flags = dict(REDUCED_JPEG_READS).get(factor, cv2.IMREAD_COLOR)
-    pixels = _decode(data, flags)
+    pixels, decoder = _decode(data, factor, width, height)
     if factor == 1:
-        return DecodedImage(pixels, int(pixels.shape[1]), int(pixels.shape[0]))
-    # EXIF orientation may have turned the stored width x height by 90 degrees
-    turned = width != height and (pixels.shape[1] > pixels.shape[0]) != (width > height)
-    return DecodedImage(pixels, *((height, width) if turned else (width, height)))
+        return DecodedImage(pixels, int(pixels.shape[1]), int(pixels.shape[0]), decoder)
+    # EXIF orientation may have turned the stored width x height by 90 degrees (OpenCV reads only). A result that
+    # came out square cannot show it and is taken as upright: the size is then off by less than `factor` pixels.
+    turned = tuple(pixels.shape[:2]) != (-(-height // factor), -(-width // factor))
+    return DecodedImage(pixels, *((height, width) if turned else (width, height)), decoder)
 
 
 @dataclass(frozen=True)

@@ -155,9 +155,22 @@ def _tracer_of(provider: trace.TracerProvider) -> trace.Tracer:
     return provider.get_tracer(TRACER_NAME)
 
 
+def _inside_unsampled_span() -> bool:
+    """Whether the current span exists but is not sampled, so no child of it can be.
+
+    Every sampler the gateway builds decides a child as it decided its parent (by the parent's flag or by the
+    same trace id), so a child span here would only cost time (about 0.1 ms a request in all).
+    """
+    context = trace.get_current_span().get_span_context()
+    return context.is_valid and not context.trace_flags.sampled
+
+
 @contextmanager
 def stage_span(name: str, **attributes) -> Iterator[trace.Span]:
     """An INTERNAL span around one stage of the request (decode, encode); exceptions are recorded by the SDK."""
+    if _inside_unsampled_span():
+        yield trace.INVALID_SPAN
+        return
     with _tracer().start_as_current_span(name, kind=SpanKind.INTERNAL, attributes=attributes) as span:
         yield span
 
@@ -169,6 +182,9 @@ def triton_call_span(settings: Settings) -> Iterator[trace.Span]:
     It is the current span while the call is made, so the `traceparent` Triton receives names it as the parent
     of Triton's own `InferRequest` span. The caller reports the outcome with `set_rpc_status`.
     """
+    if _inside_unsampled_span():
+        yield trace.INVALID_SPAN  # and the unsampled parent stays current: Triton gets no traceparent either way
+        return
     host, _, port = settings.triton_url.rpartition(":")
     attributes = {"rpc.system": "grpc", "rpc.service": TRITON_RPC_SERVICE, "rpc.method": TRITON_RPC_METHOD,
                   "server.address": host or settings.triton_url, "triton.model.name": settings.model_name}

@@ -373,3 +373,8 @@ def test_the_decode_benchmark_compares_the_three_ways_on_camera_sizes():
     for frame in frames.values():
         assert set(frame["median_ms"]) == {"full_decode", "area_shrink", "scaled_decode"}
         assert frame["ratio"] > 0 and frame["ratio_to_area_shrink"] > 0
+    decoders = document["decoders"]  # run() checked that the gateway decoded every one with TurboJPEG
+    assert list(decoders) == ["bench bodies (q95)", "1080p", "1440p", "4K"]
+    assert decoders["bench bodies (q95)"]["images"] == 10
+    assert all(set(entry["median_ms_per_image"]) == {"opencv", "turbojpeg"} and entry["ratio"] > 0
+               for entry in decoders.values())

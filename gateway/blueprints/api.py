@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from flask import Blueprint, Response, g, jsonify, request
 from werkzeug.datastructures import FileStorage
 
+from gateway.after_response import after_response
 from gateway.annotate import draw_detections, encode_jpeg
 from gateway.blueprints.metrics import service_metrics
 from gateway.dependencies import detector, settings
@@ -109,9 +110,12 @@ def _record(result: ImageResult) -> None:
     timings.add("decode", result.decode_ms)
     timings.add("inference", result.inference_ms)
     metrics, (trace_id, _) = service_metrics(), current_trace_ids()
-    metrics.observe_stage("decode", result.decode_ms / 1000.0, trace_id)
-    metrics.observe_stage("triton", result.inference_ms / 1000.0, trace_id)
-    metrics.observe_image(result.width, result.height, result.labels, result.label_scores, result.transport)
+
+    def observe():
+        metrics.observe_stage("decode", result.decode_ms / 1000.0, trace_id)
+        metrics.observe_stage("triton", result.inference_ms / 1000.0, trace_id)
+        metrics.observe_image(result.width, result.height, result.labels, result.label_scores, result.transport)
+    after_response(observe)
     g.faces = g.get("faces", 0) + len(result.labels)
 
 
@@ -123,7 +127,8 @@ def _encoding(response_format: str):
         yield span
     seconds = time.perf_counter() - start
     current_timings().add("encode", seconds * 1000.0)
-    service_metrics().observe_stage("encode", seconds, current_trace_ids()[0])
+    metrics, trace_id = service_metrics(), current_trace_ids()[0]
+    after_response(lambda: metrics.observe_stage("encode", seconds, trace_id))
 
 
 @bp.after_request
@@ -131,7 +136,8 @@ def _observe_total(response):
     """The whole detection request, as the caller waited for it (errors included), as stage `total`."""
     if request.endpoint in DETECTION_ENDPOINTS:
         set_server_span_attributes(**{"gateway.request_id": g.get("request_id"), "gateway.faces": g.get("faces")})
-        service_metrics().observe_stage("total", current_timings().total_ms() / 1000.0, current_trace_ids()[0])
+        metrics, seconds, trace_id = service_metrics(), current_timings().total_ms() / 1000.0, current_trace_ids()[0]
+        after_response(lambda: metrics.observe_stage("total", seconds, trace_id))
     return response
 
 

@@ -19,6 +19,7 @@ from typing import Iterator, Mapping, Sequence
 import cv2
 import numpy as np
 import requests
+from flask.testing import FlaskClient
 from openapi_schema_validator import OAS31Validator
 
 from ensemble.ssd import pairwise_iou
@@ -33,6 +34,20 @@ INHERITED_OBSERVABILITY_VARIABLES = ("PROMETHEUS_MULTIPROC_DIR", "OTEL_EXPORTER_
                                      "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL",
                                      "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG", "OTEL_SERVICE_NAME",
                                      "GATEWAY_ACCESS_LOG", "GATEWAY_TRITON_METRICS_URL")
+
+
+class ServerLikeClient(FlaskClient):
+    """Flask's test client, but each response is read and closed before it is returned, as a WSGI server does:
+    the gateway records a request's metrics and access-log line when its response is closed."""
+
+    def open(self, *args, **kwargs):
+        kwargs.setdefault("buffered", True)
+        return super().open(*args, **kwargs)
+
+
+def server_like_client(app) -> ServerLikeClient:
+    app.test_client_class = ServerLikeClient
+    return app.test_client()
 
 
 def encode(image_bgr: np.ndarray, ext: str = ".png") -> bytes:

@@ -5,7 +5,8 @@ from dataclasses import replace
 import cv2
 import numpy as np
 import pytest
-from gateway_helpers import FakeDetector, assert_matches_reference, encode, free_port, matched_iou
+from gateway_helpers import (FakeDetector, assert_matches_reference, encode, free_port, matched_iou,
+                             server_like_client)
 
 from gateway import create_app, triton_client
 from gateway.settings import Settings
@@ -17,7 +18,7 @@ live = pytest.mark.triton
 
 def app_client(triton_url, **settings):
     """A test client of the app whose real gRPC client (gateway.triton_client.worker_detector) talks to `triton_url`."""
-    return create_app({"SETTINGS": Settings(triton_url=triton_url, **settings)}).test_client()
+    return server_like_client(create_app({"SETTINGS": Settings(triton_url=triton_url, **settings)}))
 
 
 def down_url() -> str:
@@ -182,7 +183,8 @@ def test_batch_fails_whole_when_triton_is_down(hopper_jpeg):
 
 def test_unexpected_errors_carry_no_internals(hopper_jpeg):
     # The fake: no real Triton call raises a KeyError, and the catch-all 500 must not leak it.
-    client = create_app({"SETTINGS": Settings(), "DETECTOR": FakeDetector(fail_with=KeyError("secret"))}).test_client()
+    client = server_like_client(create_app({"SETTINGS": Settings(),
+                                            "DETECTOR": FakeDetector(fail_with=KeyError("secret"))}))
     response = client.post("/v1/detect", data=hopper_jpeg, headers={"Content-Type": "image/jpeg"})
     assert response.status_code == 500
     assert response.get_json()["error"]["code"] == "internal_error"

@@ -1,12 +1,14 @@
 """Decoding as displayed, header-only limits, and the downscale round trip, without Triton."""
 
+import io
+
 import cv2
 import numpy as np
 import pytest
 
 from gateway.errors import EmptyBody, ImageError, ImageTooLarge, InvalidImage
-from gateway.imaging import (boxes_to_original, check_pixel_count, decode_for_inference, decode_image, fit_within,
-                             jpeg_reduction)
+from gateway.imaging import (OPENCV, REDUCED_JPEG_READS, TURBOJPEG, boxes_to_original, check_pixel_count,
+                             decode_for_inference, decode_image, fit_within, jpeg_reduction)
 from gateway_helpers import corrupted, encode, jpeg_with_orientation, matched_iou, png_bomb_header
 
 LIMIT = 40_000_000
@@ -97,6 +99,76 @@ def test_corrupted_images_decode_to_pixels_or_raise_an_image_error(real_images):
     for how in ("anywhere", "header", "spliced"):
         assert outcomes.get((how, "decoded")) and outcomes.get((how, "InvalidImage")), outcomes
     assert outcomes.get(("cut", "InvalidImage")), outcomes
+
+
+JPEG_SAMPLINGS = {"4:4:4": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444, "4:2:2": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422,
+                  "4:2:0": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420, "4:1:1": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_411}
+
+
+@pytest.mark.parametrize("factor", [1, 2, 4, 8])
+def test_turbojpeg_gives_exactly_the_pixels_opencv_gives(real_images, factor):
+    """The faster decoder changes no pixel: chroma subsamplings, progressive, restart markers, gray, odd sizes,
+    and every reduced scale, against OpenCV's own read of the same bytes."""
+    flags = dict(REDUCED_JPEG_READS).get(factor, cv2.IMREAD_COLOR)
+    cases = 0
+    for image in real_images.values():
+        for source in (image, image[:-3, :-5], cv2.cvtColor(image[:-1], cv2.COLOR_BGR2GRAY)):
+            for sampling in JPEG_SAMPLINGS.values():
+                for progressive, restart, quality in ((0, 0, 95), (1, 0, 40), (0, 3, 75)):
+                    ok, encoded = cv2.imencode(".jpg", source, [
+                        cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, sampling,
+                        cv2.IMWRITE_JPEG_PROGRESSIVE, progressive, cv2.IMWRITE_JPEG_RST_INTERVAL, restart])
+                    # a max_side that makes decode_for_inference read at exactly 1/factor
+                    longest = max(source.shape[:2])
+                    decoded = decode_for_inference(encoded.tobytes(), LIMIT, longest // factor if factor > 1 else 0)
+                    assert decoded.decoder == TURBOJPEG
+                    np.testing.assert_array_equal(decoded.pixels, cv2.imdecode(encoded, flags))
+                    assert (decoded.height, decoded.width) == source.shape[:2]
+                    cases += 1
+    assert cases == 2 * 3 * len(JPEG_SAMPLINGS) * 3
+
+
+def _cmyk_jpeg(image_bgr: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)).convert("CMYK").save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def test_a_cmyk_jpeg_too_gets_opencvs_pixels(real_images):
+    data = _cmyk_jpeg(real_images["grace_hopper"])
+    decoded = decode_for_inference(data, LIMIT, 1280)
+    np.testing.assert_array_equal(decoded.pixels, cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR))
+    assert np.abs(decoded.pixels.astype(int) - real_images["grace_hopper"]).mean() < 8  # colours survived CMYK
+
+
+def test_what_turbojpeg_cannot_take_is_decoded_by_opencv(real_images):
+    """EXIF (its orientation is OpenCV's to apply), other formats and damaged JPEGs go to OpenCV."""
+    image = real_images["grace_hopper"]
+    upright = decode_for_inference(jpeg_with_orientation(image, 1), LIMIT, 1280)
+    assert upright.decoder == OPENCV and upright.pixels.shape == image.shape
+    assert decode_for_inference(encode(image, ".png"), LIMIT, 1280).decoder == OPENCV
+    damaged = bytearray(encode(image, ".jpg"))
+    damaged[len(damaged) // 2:len(damaged) // 2 + 40] = bytes(40)  # a run of zeros inside the scan
+    decoded = decode_for_inference(bytes(damaged), LIMIT, 1280)  # TurboJPEG refuses it, OpenCV decodes what it can
+    assert decoded.decoder == OPENCV
+    np.testing.assert_array_equal(decoded.pixels, cv2.imdecode(np.frombuffer(bytes(damaged), np.uint8),
+                                                               cv2.IMREAD_COLOR))
+
+
+@pytest.mark.parametrize("segment", [
+    b"\xff\xe1\x00\x01",  # a segment length shorter than its own length field
+    b"\xff\xd0",  # a restart marker before any scan
+    b"\x00\x00",  # bytes where a marker must be
+])
+def test_a_jpeg_header_that_cannot_be_followed_goes_to_opencv(real_images, segment):
+    data = encode(real_images["grace_hopper"], ".jpg")
+    try:
+        decoded = decode_for_inference(data[:2] + segment + data[2:], LIMIT, 1280)
+    except InvalidImage:
+        return  # OpenCV refused it too: still not a TurboJPEG decode
+    assert decoded.decoder == OPENCV
 
 
 @pytest.mark.parametrize("longest, max_side, factor", [

@@ -22,7 +22,7 @@ from gateway.metrics import STAGE_BUCKETS
 from gateway.settings import Settings, env_name
 from gateway.tracing import build_sampler
 from gateway.triton_client import close_worker_detectors
-from gateway_helpers import FakeDetector, encode, free_port
+from gateway_helpers import FakeDetector, encode, free_port, server_like_client
 
 # As tritonserver 2.51 writes it (abridged): counters without _total, a summary whose _count/_sum precede
 # its quantiles, a gauge; plus an untyped sample.
@@ -178,7 +178,7 @@ def _settled_inference_count(metrics_url: str) -> str:
 @pytest.mark.triton
 def test_app_metrics_merge_triton_and_count_requests_errors_and_images(observed_stack, hopper):
     jpeg, pixels, labelled = hopper
-    client = _app(observed_stack, traces_sampler="always_on").test_client()
+    client = server_like_client(_app(observed_stack, traces_sampler="always_on"))
     assert client.post("/v1/detect", data=jpeg, headers={"Content-Type": "image/jpeg"}).status_code == 200
     assert client.post("/v1/detect", data=b"xx", headers={"Content-Type": "image/jpeg"}).status_code == 400
     counted = _settled_inference_count(observed_stack.triton.metrics_url)
@@ -226,7 +226,7 @@ def test_only_scrapes_and_probes_go_untraced():
                                            triton_metrics_url="off", access_log="off")})
     spans = InMemorySpanExporter()
     app.extensions[PROVIDER_KEY].add_span_processor(SimpleSpanProcessor(spans))
-    client = app.test_client()
+    client = server_like_client(app)
     for path in ("/healthz", "/readyz?verbose=1", "/metrics"):
         client.get(path)
     assert spans.get_finished_spans() == ()
@@ -237,7 +237,7 @@ def test_only_scrapes_and_probes_go_untraced():
 
 
 def test_an_invented_method_is_refused_before_it_can_become_a_metric_label():
-    client = create_app({"SETTINGS": Settings(triton_metrics_url="off", access_log="off")}).test_client()
+    client = server_like_client(create_app({"SETTINGS": Settings(triton_metrics_url="off", access_log="off")}))
     for method in ("QWERTY", "ZXCVBN", "PUT"):
         client.open("/v1/detect", method=method)
     text = client.get("/metrics").get_data(as_text=True)
@@ -247,8 +247,8 @@ def test_an_invented_method_is_refused_before_it_can_become_a_metric_label():
 
 def test_unhandled_exceptions_are_counted_and_answered_as_internal_error():
     # The fake: no real Triton call raises a KeyError, which the catch-all must answer and count.
-    client = create_app({"SETTINGS": Settings(triton_metrics_url="off", access_log="off"),
-                         "DETECTOR": FakeDetector(fail_with=KeyError("secret"))}).test_client()
+    client = server_like_client(create_app({"SETTINGS": Settings(triton_metrics_url="off", access_log="off"),
+                                            "DETECTOR": FakeDetector(fail_with=KeyError("secret"))}))
     response = client.post("/v1/detect", data=encode(np.full((50, 50, 3), 9, np.uint8), ".jpg"),
                            headers={"Content-Type": "image/jpeg"})
     assert response.status_code == 500 and response.get_json()["error"]["code"] == "internal_error"
@@ -260,7 +260,7 @@ def test_unhandled_exceptions_are_counted_and_answered_as_internal_error():
 
 @pytest.mark.triton
 def test_no_exemplar_without_a_sampled_trace(observed_stack, hopper):
-    client = _app(observed_stack).test_client()  # no exporter, no caller context: nothing sampled
+    client = server_like_client(_app(observed_stack))  # no exporter, no caller context: nothing sampled
     response = client.post("/v1/detect", data=hopper[0], headers={"Content-Type": "image/jpeg"})
     assert response.status_code == 200
     text = client.get("/metrics", headers={"Accept": "application/openmetrics-text"}).get_data(as_text=True)
@@ -270,7 +270,7 @@ def test_no_exemplar_without_a_sampled_trace(observed_stack, hopper):
 @pytest.mark.triton
 def test_access_record_has_the_keys_log_analysis_reads(observed_stack, real_images, reference_pipeline, tmp_path):
     log = tmp_path / "access.log"
-    client = _app(observed_stack, triton_metrics_url="off", access_log=str(log)).test_client()
+    client = server_like_client(_app(observed_stack, triton_metrics_url="off", access_log=str(log)))
     image = real_images["grace_hopper"]
     client.post("/v1/detect", data=encode(image, ".png"),
                 headers={"Content-Type": "image/png", "X-Request-ID": "req-1",
@@ -285,3 +285,62 @@ def test_access_record_has_the_keys_log_analysis_reads(observed_stack, real_imag
             first["faces"], first["error_code"]) == ("/v1/detect", "POST", 200, 512, 600, faces, None)
     assert first["ts"].endswith("Z") and first["duration_ms"] > 0
     assert second["status"] == 400 and second["error_code"] == "empty_body" and second["trace_id"] is None
+
+
+@pytest.mark.parametrize("sampler", ["parentbased_always_on", "parentbased_traceidratio", "traceidratio"])
+def test_stage_and_triton_spans_are_made_only_under_a_sampled_request_span(sampler):
+    """Under a sampled request span the stages and the Triton call are its recorded children; under an unsampled
+    one nothing is made (no sampler here could sample such a child) and Triton is sent no trace context."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from gateway.tracing import PROVIDER_KEY, stage_span, triton_call_span, triton_trace_headers
+
+    settings = Settings(service_name="stage-spans", traces_sampler=sampler, traces_sampler_arg="1.0",
+                        triton_metrics_url="off", access_log="off")
+    app = create_app({"SETTINGS": settings})
+    spans = InMemorySpanExporter()
+    app.extensions[PROVIDER_KEY].add_span_processor(SimpleSpanProcessor(spans))
+    for sampled in (True, False):
+        parent = trace.NonRecordingSpan(trace.SpanContext(
+            0x4BF92F3577B34DA6A3CE929D0E0E4736 + sampled, 0x00F067AA0BA902B7, is_remote=False,
+            trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED if sampled else trace.TraceFlags.DEFAULT)))
+        with app.app_context(), trace.use_span(parent):
+            with stage_span("decode", **{"image.bytes": 10}) as decode:
+                assert decode.is_recording() is sampled
+            with triton_call_span(settings) as call:
+                headers = triton_trace_headers()
+                assert call.is_recording() is sampled
+            assert (headers is not None) is sampled
+            if sampled:
+                sampled_headers = headers
+            else:  # nothing new became current: the request's own span is still what Triton would see
+                assert decode is trace.INVALID_SPAN and call is trace.INVALID_SPAN
+    finished = spans.get_finished_spans()
+    assert [span.name for span in finished] == ["decode", "inference.GRPCInferenceService/ModelInfer"]
+    assert all(span.parent.span_id == 0x00F067AA0BA902B7 for span in finished)
+    assert f"-{finished[1].context.span_id:016x}-01" in sampled_headers["traceparent"]  # Triton's parent: the call
+
+
+def test_work_after_the_response_runs_when_the_server_closes_it_and_one_failure_spares_the_rest(caplog):
+    """The access-log line and metric updates wait for the server's close(): the caller has its answer by then."""
+    from flask import Flask
+
+    from gateway.after_response import after_response, register_after_response
+
+    app, done = Flask(__name__), []
+    register_after_response(app)
+
+    @app.get("/work")
+    def work():
+        after_response(lambda: done.append("first"))
+        after_response(lambda: 1 / 0)
+        after_response(lambda: done.append("third"))
+        return {"answered": True}
+
+    response = app.test_client().get("/work")  # not closed yet: what a server holds between write and close()
+    assert response.get_json() == {"answered": True} and done == []
+    response.close()
+    assert done == ["first", "third"]
+    assert "work after the response failed" in caplog.text and "ZeroDivisionError" in caplog.text
