@@ -14,7 +14,6 @@ from gateway.errors import EmptyBody, ImageTooLarge, InvalidImage
 JPEG_MAGIC = b"\xff\xd8\xff"
 JPEG_START_OF_SCAN = b"\xff\xda"
 JPEG_END_OF_IMAGE = b"\xff\xd9"
-JPEG_EXIF_HEADER = b"Exif\x00\x00"  # what starts an APP1 segment holding EXIF
 # Which library decoded an image (the decode span's image.decoder). TurboJPEG is libjpeg-turbo's own API (through
 # simplejpeg): the library and settings OpenCV's JPEG reader uses, so the same pixels, with less overhead around
 # them (0.2 ms less per camera frame here; see benchmarks/bench_decode.py).
@@ -61,10 +60,11 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
 
 
 def _jpeg_without_exif(data: bytes) -> bool:
-    """Whether the JPEG's segments up to its first scan are well-formed and none of them is EXIF.
+    """Whether the JPEG's segments up to its first scan are well-formed and none of them is an APP1 (EXIF's).
 
-    Only such a JPEG goes to TurboJPEG, which ignores the EXIF Orientation that OpenCV applies; anything this walk
-    cannot follow goes to OpenCV too.
+    Only such a JPEG goes to TurboJPEG, which ignores the EXIF Orientation that OpenCV applies. Any APP1 counts,
+    whatever its label: OpenCV reads orientation from the first one without checking for "Exif". Anything this
+    walk cannot follow goes to OpenCV too.
     """
     position = len(JPEG_MAGIC) - 1  # the first marker after start-of-image
     while position + 4 <= len(data):
@@ -79,10 +79,15 @@ def _jpeg_without_exif(data: bytes) -> bool:
         length = int.from_bytes(data[position + 2:position + 4], "big")
         if marker == 0x01 or 0xD0 <= marker <= 0xD9 or length < 2:  # a marker without a segment is out of place here
             return False
-        if marker == 0xE1 and data[position + 4:position + 4 + len(JPEG_EXIF_HEADER)] == JPEG_EXIF_HEADER:
+        if marker == 0xE1:
             return False
         position += 2 + length
     return False
+
+
+def _reduced_shape(width: int, height: int, factor: int) -> tuple[int, int]:
+    """(rows, columns) libjpeg gives for a width x height JPEG read at 1/`factor` scale."""
+    return -(-height // factor), -(-width // factor)
 
 
 def _decode(data: bytes, factor: int, width: int, height: int) -> tuple[np.ndarray, str]:
@@ -91,11 +96,15 @@ def _decode(data: bytes, factor: int, width: int, height: int) -> tuple[np.ndarr
         if _jpeg_is_truncated(data):
             raise InvalidImage("JPEG data is truncated (no end-of-image marker)")
         if _jpeg_without_exif(data):
-            scaled = {"min_height": -(-height // factor), "min_width": -(-width // factor), "min_factor": factor}
+            rows, columns = _reduced_shape(width, height, factor)
             try:
-                return simplejpeg.decode_jpeg(data, colorspace="BGR", **(scaled if factor > 1 else {})), TURBOJPEG
+                pixels = simplejpeg.decode_jpeg(data, colorspace="BGR", min_height=rows, min_width=columns,
+                                                min_factor=factor)
             except ValueError:
-                pass  # CMYK, 12-bit or damaged data: OpenCV makes of it what it did before TurboJPEG was tried
+                pass  # 12-bit or damaged data: OpenCV makes of it what it did before TurboJPEG was tried
+            else:
+                if pixels.shape[:2] == (rows, columns):  # else libjpeg and the header check disagree: OpenCV decides
+                    return pixels, TURBOJPEG
     flags = dict(REDUCED_JPEG_READS).get(factor, cv2.IMREAD_COLOR)
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
     if image is None or image.size == 0:
@@ -138,9 +147,10 @@ def decode_for_inference(data: bytes, max_pixels: int, max_side: int) -> Decoded
     pixels, decoder = _decode(data, factor, width, height)
     if factor == 1:
         return DecodedImage(pixels, int(pixels.shape[1]), int(pixels.shape[0]), decoder)
-    # EXIF orientation may have turned the stored width x height by 90 degrees (OpenCV reads only). A result that
-    # came out square cannot show it and is taken as upright: the size is then off by less than `factor` pixels.
-    turned = tuple(pixels.shape[:2]) != (-(-height // factor), -(-width // factor))
+    # OpenCV may have turned the image by 90 degrees for its EXIF orientation, where the header's size (imagesize
+    # 1.x) is the stored one. A result that came out square cannot show it and is taken as upright: the size is then
+    # off by less than `factor` pixels. TurboJPEG's results have the header's shape (checked in _decode).
+    turned = decoder == OPENCV and tuple(pixels.shape[:2]) != _reduced_shape(width, height, factor)
     return DecodedImage(pixels, *((height, width) if turned else (width, height)), decoder)
 
 

@@ -110,11 +110,14 @@ def _record(result: ImageResult) -> None:
     timings.add("decode", result.decode_ms)
     timings.add("inference", result.inference_ms)
     metrics, (trace_id, _) = service_metrics(), current_trace_ids()
+    # only what the metrics need: the result may hold a full-size frame, not to be kept while the answer is sent
+    decode_s, triton_s, size = result.decode_ms / 1000.0, result.inference_ms / 1000.0, (result.width, result.height)
+    labels, label_scores, transport = result.labels, result.label_scores, result.transport
 
     def observe():
-        metrics.observe_stage("decode", result.decode_ms / 1000.0, trace_id)
-        metrics.observe_stage("triton", result.inference_ms / 1000.0, trace_id)
-        metrics.observe_image(result.width, result.height, result.labels, result.label_scores, result.transport)
+        metrics.observe_stage("decode", decode_s, trace_id)
+        metrics.observe_stage("triton", triton_s, trace_id)
+        metrics.observe_image(*size, labels, label_scores, transport)
     after_response(observe)
     g.faces = g.get("faces", 0) + len(result.labels)
 

@@ -102,7 +102,8 @@ def test_corrupted_images_decode_to_pixels_or_raise_an_image_error(real_images):
 
 
 JPEG_SAMPLINGS = {"4:4:4": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444, "4:2:2": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422,
-                  "4:2:0": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420, "4:1:1": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_411}
+                  "4:2:0": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420, "4:1:1": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_411,
+                  "4:4:0": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_440}
 
 
 @pytest.mark.parametrize("factor", [1, 2, 4, 8])
@@ -139,6 +140,7 @@ def _cmyk_jpeg(image_bgr: np.ndarray) -> bytes:
 def test_a_cmyk_jpeg_too_gets_opencvs_pixels(real_images):
     data = _cmyk_jpeg(real_images["grace_hopper"])
     decoded = decode_for_inference(data, LIMIT, 1280)
+    assert decoded.decoder == TURBOJPEG
     np.testing.assert_array_equal(decoded.pixels, cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR))
     assert np.abs(decoded.pixels.astype(int) - real_images["grace_hopper"]).mean() < 8  # colours survived CMYK
 
@@ -157,18 +159,30 @@ def test_what_turbojpeg_cannot_take_is_decoded_by_opencv(real_images):
                                                                cv2.IMREAD_COLOR))
 
 
-@pytest.mark.parametrize("segment", [
-    b"\xff\xe1\x00\x01",  # a segment length shorter than its own length field
-    b"\xff\xd0",  # a restart marker before any scan
-    b"\x00\x00",  # bytes where a marker must be
+def _segment(marker: int, payload: bytes) -> bytes:
+    return bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
+
+
+JFIF = _segment(0xE0, b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00")
+COMMENT = _segment(0xFE, b"made by a camera")
+
+
+@pytest.mark.parametrize("inserted, plain", [
+    (b"", True),  # what cv2.imencode writes: JFIF, tables, frame
+    (COMMENT + _segment(0xE2, b"ICC_PROFILE\x00" + bytes(40)), True),  # a comment and an ICC profile
+    (b"\xff\xff" + COMMENT, True),  # fill bytes before a marker
+    (_segment(0xE1, b"Exif\x00\x00" + bytes(20)), False),  # EXIF right after SOI
+    (JFIF + COMMENT + _segment(0xE1, b"Exif\x00\x00" + bytes(20)), False),  # EXIF behind other segments
+    (_segment(0xE1, b"http://ns.adobe.com/xap/1.0/\x00<x/>"), False),  # XMP: OpenCV reads any first APP1
+    (b"\xff\xe1\x00\x01", False),  # a segment length shorter than its own length field
+    (b"\xff\xd0", False),  # a restart marker before any scan
+    (b"\x00\x00", False),  # bytes where a marker must be
 ])
-def test_a_jpeg_header_that_cannot_be_followed_goes_to_opencv(real_images, segment):
+def test_only_a_jpeg_header_without_app1_that_can_be_followed_goes_to_turbojpeg(real_images, inserted, plain):
+    from gateway.imaging import _jpeg_without_exif
+
     data = encode(real_images["grace_hopper"], ".jpg")
-    try:
-        decoded = decode_for_inference(data[:2] + segment + data[2:], LIMIT, 1280)
-    except InvalidImage:
-        return  # OpenCV refused it too: still not a TurboJPEG decode
-    assert decoded.decoder == OPENCV
+    assert _jpeg_without_exif(data[:2] + inserted + data[2:]) is plain
 
 
 @pytest.mark.parametrize("longest, max_side, factor", [

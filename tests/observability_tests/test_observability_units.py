@@ -343,4 +343,23 @@ def test_work_after_the_response_runs_when_the_server_closes_it_and_one_failure_
     assert response.get_json() == {"answered": True} and done == []
     response.close()
     assert done == ["first", "third"]
-    assert "work after the response failed" in caplog.text and "ZeroDivisionError" in caplog.text
+    assert "work after the answer to request" in caplog.text and "ZeroDivisionError" in caplog.text
+
+
+def test_the_access_log_line_and_request_metrics_are_written_when_the_answer_is_closed(tmp_path):
+    """In the app as create_app wires it (hook order included): nothing before the server's close(), all after."""
+    log = tmp_path / "access.log"
+    app = create_app({"SETTINGS": Settings(triton_metrics_url="off", access_log=str(log))})
+    total = 'gateway_stage_duration_seconds_count{stage="total"}'
+
+    def totals() -> str:
+        return next((line for line in server_like_client(app).get("/metrics").get_data(as_text=True).splitlines()
+                     if line.startswith(total)), "")
+
+    response = app.test_client().post("/v1/detect", data=b"xx", headers={"Content-Type": "image/jpeg"})
+    assert response.status_code == 400 and response.get_json()["error"]["code"] == "invalid_image"
+    assert log.read_text() == "" and totals() == ""  # no request observed yet: not even its series
+    response.close()
+    (line,) = log.read_text().splitlines()
+    assert json.loads(line)["error_code"] == "invalid_image"
+    assert totals() == f"{total} 1.0"
