@@ -147,9 +147,10 @@ def decode_for_inference(data: bytes, max_pixels: int, max_side: int) -> Decoded
     pixels, decoder = _decode(data, factor, width, height)
     if factor == 1:
         return DecodedImage(pixels, int(pixels.shape[1]), int(pixels.shape[0]), decoder)
-    # OpenCV may have turned the image by 90 degrees for its EXIF orientation, where the header's size (imagesize
-    # 1.x) is the stored one. A result that came out square cannot show it and is taken as upright: the size is then
-    # off by less than `factor` pixels. TurboJPEG's results have the header's shape (checked in _decode).
+    # OpenCV may have turned the image by 90 degrees for its EXIF orientation where the header's size is the stored
+    # one (imagesize 1.x; 2.x applies the orientation it finds itself). A result that came out square cannot show it
+    # and is taken as upright: the size is then off by less than `factor` pixels. TurboJPEG's results have the
+    # header's shape (checked in _decode).
     turned = decoder == OPENCV and tuple(pixels.shape[:2]) != _reduced_shape(width, height, factor)
     return DecodedImage(pixels, *((height, width) if turned else (width, height)), decoder)
 
