@@ -54,7 +54,8 @@ def run(*, rounds: int = 15, log=print) -> dict:
     }
     document = {"schema": SCHEMA, "machine": machine_info(), "max_side": settings.max_side, "rounds": rounds,
                 "jpeg_quality": JPEG_QUALITY, "frames": {}}
-    for name, data in camera_frames().items():
+    frames = camera_frames()
+    for name, data in frames.items():
         timings = {way: [] for way in ways}
         for way in ways.values():  # warm-up, and both ways must send the same size
             way(data)
@@ -77,22 +78,23 @@ def run(*, rounds: int = 15, log=print) -> dict:
             f"full decode {medians['full_decode']:6.1f} ms, scaled decode + area shrink "
             f"{medians['area_shrink']:6.1f} ms, the gateway's way {medians['scaled_decode']:6.1f} ms "
             f"(ratios {document['frames'][name]['ratio']}, {document['frames'][name]['ratio_to_area_shrink']})")
-    document["decoders"] = compare_decoders(rounds, log)
+    document["decoders"] = compare_decoders(frames, rounds, log)
     document["uptime_end"] = uptime_line()
     return document
 
 
-def compare_decoders(rounds: int, log=print) -> dict:
+def compare_decoders(camera: dict[str, bytes], rounds: int, log=print) -> dict:
     """OpenCV's imdecode vs the gateway's decode (TurboJPEG for these EXIF-free JPEGs), full size, interleaved."""
     bench_set = [cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
                  for image in benchmark_images().values()]
-    sets = {"bench bodies (q95)": bench_set, **{name: [data] for name, data in camera_frames().items()}}
+    sets = {"bench bodies (q95)": bench_set, **{name: [data] for name, data in camera.items()}}
+    max_pixels = Settings().max_pixels
     ways = {"opencv": lambda data: cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR),
-            TURBOJPEG: lambda data: decode_for_inference(data, Settings().max_pixels, 0)}
+            TURBOJPEG: lambda data: decode_for_inference(data, max_pixels, 0)}
     results = {}
     for name, bodies in sets.items():
         for data in bodies:
-            if decode_for_inference(data, Settings().max_pixels, 0).decoder != TURBOJPEG:
+            if decode_for_inference(data, max_pixels, 0).decoder != TURBOJPEG:
                 raise RuntimeError(f"{name}: the gateway did not decode a plain JPEG with TurboJPEG")
         timings = {way: [] for way in ways}
         for _ in range(rounds):

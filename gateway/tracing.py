@@ -208,13 +208,19 @@ def set_rpc_status(span: trace.Span, status_name: str) -> None:
         span.set_status(Status(StatusCode.ERROR, status_name or "client_error"))
 
 
+def _sampled_context() -> trace.SpanContext | None:
+    """The current span's context when it is sampled (exported), else None."""
+    context = trace.get_current_span().get_span_context()
+    return context if context.is_valid and context.trace_flags.sampled else None
+
+
 def current_trace_ids() -> tuple[str | None, str | None]:
     """(trace id, span id) in hex of the current span when it is sampled (exported), else (None, None).
 
     Logs and exemplars name only traces that a trace backend can actually show.
     """
-    context = trace.get_current_span().get_span_context()
-    if not (context.is_valid and context.trace_flags.sampled):
+    context = _sampled_context()
+    if context is None:
         return None, None
     return f"{context.trace_id:032x}", f"{context.span_id:016x}"
 
@@ -231,8 +237,7 @@ def triton_trace_headers() -> dict[str, str] | None:
 
     Triton traces every request that carries trace context, so a sampled-out request must send none.
     """
-    context = trace.get_current_span().get_span_context()
-    if not (context.is_valid and context.trace_flags.sampled):
+    if _sampled_context() is None:
         return None
     carrier: dict[str, str] = {}
     _W3C.inject(carrier)

@@ -109,17 +109,19 @@ def _record(result: ImageResult) -> None:
     timings = current_timings()
     timings.add("decode", result.decode_ms)
     timings.add("inference", result.inference_ms)
-    metrics, (trace_id, _) = service_metrics(), current_trace_ids()
+    _observe_stage_after_answer("decode", result.decode_ms / 1000.0)
+    _observe_stage_after_answer("triton", result.inference_ms / 1000.0)
     # only what the metrics need: the result may hold a full-size frame, not to be kept while the answer is sent
-    decode_s, triton_s, size = result.decode_ms / 1000.0, result.inference_ms / 1000.0, (result.width, result.height)
-    labels, label_scores, transport = result.labels, result.label_scores, result.transport
-
-    def observe():
-        metrics.observe_stage("decode", decode_s, trace_id)
-        metrics.observe_stage("triton", triton_s, trace_id)
-        metrics.observe_image(*size, labels, label_scores, transport)
-    after_response(observe)
+    metrics, size, labels = service_metrics(), (result.width, result.height), result.labels
+    label_scores, transport = result.label_scores, result.transport
+    after_response(lambda: metrics.observe_image(*size, labels, label_scores, transport))
     g.faces = g.get("faces", 0) + len(result.labels)
+
+
+def _observe_stage_after_answer(stage: str, seconds: float) -> None:
+    """One stage's duration into the metrics once the answer is out, with this request's trace id as exemplar."""
+    metrics, trace_id = service_metrics(), current_trace_ids()[0]
+    after_response(lambda: metrics.observe_stage(stage, seconds, trace_id))
 
 
 @contextmanager
@@ -130,8 +132,7 @@ def _encoding(response_format: str):
         yield span
     seconds = time.perf_counter() - start
     current_timings().add("encode", seconds * 1000.0)
-    metrics, trace_id = service_metrics(), current_trace_ids()[0]
-    after_response(lambda: metrics.observe_stage("encode", seconds, trace_id))
+    _observe_stage_after_answer("encode", seconds)
 
 
 @bp.after_request
@@ -139,8 +140,7 @@ def _observe_total(response):
     """The whole detection request, as the caller waited for it (errors included), as stage `total`."""
     if request.endpoint in DETECTION_ENDPOINTS:
         set_server_span_attributes(**{"gateway.request_id": g.get("request_id"), "gateway.faces": g.get("faces")})
-        metrics, seconds, trace_id = service_metrics(), current_timings().total_ms() / 1000.0, current_trace_ids()[0]
-        after_response(lambda: metrics.observe_stage("total", seconds, trace_id))
+        _observe_stage_after_answer("total", current_timings().total_ms() / 1000.0)
     return response
 
 

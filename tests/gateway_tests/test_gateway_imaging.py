@@ -20,6 +20,10 @@ def left_bright(height=100, width=200) -> np.ndarray:
     return image
 
 
+def _segment(marker: int, payload: bytes) -> bytes:
+    return bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
+
+
 def test_exif_orientation_is_applied():
     stored = left_bright()  # 200 wide, 100 high, bright left quarter
     decoded = decode_image(jpeg_with_orientation(stored, 6), LIMIT)  # 6: rotate 90 degrees clockwise to display
@@ -73,8 +77,7 @@ def test_truncated_images_are_refused(real_images, ext):
 def test_a_jpeg_carrying_a_complete_thumbnail_is_judged_by_its_own_end(real_images):
     """An embedded thumbnail (a whole JPEG in an APP segment) ends before the main scan: that end does not count."""
     thumbnail = encode(np.full((16, 16, 3), 128, np.uint8), ".jpg")
-    payload = b"Exif\0\0" + thumbnail  # not a valid EXIF block; decoders skip what they cannot parse
-    segment = b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
+    segment = _segment(0xE1, b"Exif\0\0" + thumbnail)  # not a valid EXIF block; decoders skip what they cannot parse
     main = encode(real_images["grace_hopper"], ".jpg")
     whole = main[:2] + segment + main[2:]
     assert decode_image(whole, LIMIT).shape == real_images["grace_hopper"].shape
@@ -157,10 +160,6 @@ def test_what_turbojpeg_cannot_take_is_decoded_by_opencv(real_images):
     assert decoded.decoder == OPENCV
     np.testing.assert_array_equal(decoded.pixels, cv2.imdecode(np.frombuffer(bytes(damaged), np.uint8),
                                                                cv2.IMREAD_COLOR))
-
-
-def _segment(marker: int, payload: bytes) -> bytes:
-    return bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
 
 
 JFIF = _segment(0xE0, b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00")
