@@ -13,7 +13,7 @@ help:
 	@echo "make test    - build models if needed, run the whole test suite (PYTEST_ARGS=...)"
 	@echo "make bench   - side-by-side benchmarks: in-process, Triton, gateway (BENCH_ARGS=...)"
 	@echo "make models  - fetch the pinned weights and export the ONNX models (a no-op when current)"
-	@echo "make venv    - create .venv and install the project with its gateway and test extras"
+	@echo "make venv    - create .venv and install the project with its models, gateway and test extras"
 	@echo "make system-deps - the Debian packages the tests and benchmarks use (run-deps: those make run needs)"
 	@echo "make clean   - remove the exported models, test artifacts and benchmark runs (keeps .venv, the"
 	@echo "               downloaded weights and the kept reference run)"
@@ -21,7 +21,7 @@ help:
 $(INSTALLED): setup.cfg pyproject.toml
 	test -x $(PIP) || python3 -m venv --clear $(VENV)
 	$(PIP) install -q --disable-pip-version-check --upgrade pip wheel
-	$(PIP) install -q --disable-pip-version-check -e '.[gateway,test]'
+	$(PIP) install -q --disable-pip-version-check -e '.[models,gateway,test]'
 	touch $@
 
 venv: $(INSTALLED)
@@ -30,7 +30,8 @@ venv: $(INSTALLED)
 # The tests and benchmarks also run libb64 for perf_analyzer, Chromium for the web page, Prometheus (promtool)
 # and Alertmanager (amtool) for rules and dashboards, and wrk for the gateway benchmark.
 RUN_PACKAGES = libpython$(shell $(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-TEST_PACKAGES := libb64-0d chromium chromium-driver prometheus prometheus-alertmanager wrk
+TOOL_PACKAGES := libb64-0d prometheus prometheus-alertmanager wrk
+BROWSER_PACKAGES := chromium chromium-driver
 define apt_install
 	@missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -41,7 +42,8 @@ endef
 run-deps: venv
 	$(call apt_install,$(RUN_PACKAGES),--no-install-recommends)
 system-deps: run-deps
-	$(call apt_install,$(TEST_PACKAGES),)
+	$(call apt_install,$(TOOL_PACKAGES),--no-install-recommends)
+	$(call apt_install,$(BROWSER_PACKAGES),)
 
 # Fetch the pinned weights and export both ONNX models; a no-op when they are up to date.
 models: venv

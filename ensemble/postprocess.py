@@ -69,10 +69,37 @@ class DetectionParams:
             raise ValueError(f"config parameters lack {', '.join(missing)}")
         return cls(**{f.name: cls._PARSERS[f.name](f.name, parameters[f.name]) for f in fields(cls)})
 
-    def override(self, values: Mapping[str, Any]) -> DetectionParams:
-        """These params with a request's overrides applied; keys that are not thresholds are ignored."""
+    def override(self, values: Mapping[str, Any], limits: Mapping[str, int] | None = None) -> DetectionParams:
+        """These params with a request's overrides applied; keys that are not thresholds are ignored.
+
+        `limits` (override_limits): the largest value a request may ask for, by name.
+        """
         parsed = {name: self._PARSERS[name](name, value) for name, value in values.items() if name in self._PARSERS}
+        for name, limit in (limits or {}).items():
+            if parsed.get(name, 0) > limit:
+                raise InvalidRequest(f"{name} must be at most {limit} (this model's {name}{LIMIT_SUFFIX}), "
+                                     f"got {values[name]!r}")
         return replace(self, **parsed)
+
+
+# Request overrides with an upper bound, read from the config parameter <name>_limit: NMS holds a K x K overlap
+# matrix for K = pre_nms_top_k candidates, and every face kept is cropped and classified, so one request asking
+# for more would take the memory and time of every other request on the instance.
+LIMITED_OVERRIDES = ("max_faces", "pre_nms_top_k")
+LIMIT_SUFFIX = "_limit"
+
+
+def override_limits(parameters: Mapping[str, str], defaults: DetectionParams) -> dict[str, int]:
+    """The config's <name>_limit for each of LIMITED_OVERRIDES; each must allow at least the config's own value."""
+    limits = {}
+    for name in LIMITED_OVERRIDES:
+        key = name + LIMIT_SUFFIX
+        if key not in parameters:
+            raise ValueError(f"config parameters lack {key}")
+        limits[name] = _positive_int(key, parameters[key])
+        if getattr(defaults, name) > limits[name]:
+            raise ValueError(f"config parameter {name} ({getattr(defaults, name)}) exceeds {key} ({limits[name]})")
+    return limits
 
 
 def detect_faces(loc: Array, conf: Array, priors: Priors, image_hw: tuple[int, int],
@@ -85,7 +112,9 @@ def detect_faces(loc: Array, conf: Array, priors: Priors, image_hw: tuple[int, i
     boxes = decode_boxes(loc[candidates], priors.take(candidates))
     limits = xp.asarray([width, height, width, height], dtype=boxes.dtype)
     boxes, scores = boxes * limits, scores[candidates]
-    # Sizes are judged on what lies inside the image; NMS sees unclipped boxes, as Caffe's does.
+    # Sizes are judged on what lies inside the image; NMS sees unclipped boxes, as Caffe's does. Unlike Caffe
+    # (no size filter), boxes under min_face_size or wholly outside are dropped before top-k and NMS: they take
+    # no top-k place and suppress no neighbour (the parity test runs with min_face_size 0, where both agree).
     inside = xp.clip(boxes, 0, limits)
     visible = xp.min(inside[:, 2:] - inside[:, :2], axis=1)
     kept = (visible > 0) & (visible >= params.min_face_size)

@@ -285,7 +285,7 @@ def test_three_layer_run_writes_summary_markdown_and_plots(tmp_path, triton, mod
         pytest.fail(str(exc))
     args = bench_main.parse_args([
         "--reference-duration", "0.4", "--concurrency", "1", "--component-concurrency", "none",
-        "--measurement-interval-ms", "500", "--triton-budget-s", "40", "--gateway-budget-s", "30",
+        "--measurement-interval-ms", "1000", "--triton-budget-s", "40", "--gateway-budget-s", "30",
         "--gateway-duration", "1", "--gateway-warmup", "0", "--paired-passes", "2", "--workers", "1",
         "--threads", "2",
         "--model-repository", str(model_repository), "--results-dir", str(tmp_path)])
@@ -330,8 +330,17 @@ def test_three_layer_run_writes_summary_markdown_and_plots(tmp_path, triton, mod
     assert [piece["label"] for piece in json.loads((tmp_path / "reference.json").read_text())["slices"]] == [""]
     assert any(line.startswith("[") and "in-process slice beside c=1:" in line for line in lines)
     assert {"triton_vs_in_process", "gateway_vs_triton", "gateway_added_p50_ms_c1", "errors"} <= set(summary["ratios"])
-    for ratio in summary["ratios"].values():
-        assert isinstance(ratio["met"], bool) and ratio["value"] is not None
+    # In a run this short perf_analyzer may find no three windows that agree on a busy machine (seen in a run
+    # beside other work): the Triton level is then kept as unstable and the ratios it feeds say "not measured".
+    (triton_level,) = json.loads((tmp_path / "triton.json").read_text())["models"]["mask_detection"]["levels"]
+    assert triton_level["ok"] and triton_level["throughput_infer_per_s"] > 0
+    for name, ratio in summary["ratios"].items():
+        assert isinstance(ratio["met"], bool)
+        if triton_level["stable"] or name == "errors":
+            assert ratio["value"] is not None, name
+        else:
+            assert ratio["value"] is None and not ratio["met"] and ratio["detail"] == "not measured: no stable Triton " \
+                f"level{' at c=1' if name == 'gateway_added_p50_ms_c1' else ''}", name
     text = (tmp_path / "summary.md").read_text()
     assert "## Ratios against the targets" in text and "| gateway [shared memory] | 1 |" in text
     assert "| gateway [pixels in gRPC] | 1 |" in text

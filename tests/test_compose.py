@@ -150,6 +150,21 @@ def test_triton_image_has_cupy_for_the_models_that_keep_their_inputs_on_the_gpu(
     assert '"cupy-cuda12x>=13,<14"' in dockerfile and "import cupy," in dockerfile
 
 
+def test_the_gateway_image_installs_no_model_tooling():
+    """ONNX, ONNX Runtime, h5py and the pip tritonserver (nvidia-pytriton, hundreds of MB) are the `models`
+    extra: the gateway image, which installs the package with its `gateway` extra only, gets none of them."""
+    import configparser
+
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    required = setup["options"]["install_requires"]
+    for tooling in ("onnx", "onnxruntime", "h5py", "nvidia-pytriton"):
+        assert not re.search(rf"^\s*{re.escape(tooling)}\b", required, re.MULTILINE), tooling
+        assert re.search(rf"^\s*{re.escape(tooling)}\b", setup["options.extras_require"]["models"], re.MULTILINE)
+    installs = re.findall(r"pip install (\S+)", (COMPOSE_DIR / "gateway.Dockerfile").read_text())
+    assert installs == ['".[gateway]"']
+
+
 def test_models_accelerated_by_tensorrt_build_their_engines_before_ready_and_keep_them(compose):
     """Warm-up at batch 1 and at max_batch_size, so the engine covers every batch before the first request; the
     engine cache path lives on a volume, so a re-created container does not build again."""

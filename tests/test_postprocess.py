@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 
 from ensemble.layouts import CLASSIFIER_INPUT
-from ensemble.postprocess import DetectionParams, detect_faces, label_faces, padded_outputs
-from ensemble.preprocess import classifier_batch, crop_boxes
+from ensemble.errors import InvalidRequest
+from ensemble.postprocess import DetectionParams, detect_faces, label_faces, override_limits, padded_outputs
+from ensemble.preprocess import classifier_batch, classifier_batches, crop_boxes
 from ensemble.ssd import Priors, decode_boxes, nms, pairwise_iou
 
 DEFAULTS = {"confidence": "0.5", "iou": "0.45", "max_faces": "50", "min_face_size": "8", "pre_nms_top_k": "400"}
+LIMITS = {"max_faces_limit": "1000", "pre_nms_top_k_limit": "2000"}
 
 
 def reference_nms(boxes, scores, threshold):
@@ -37,7 +39,8 @@ def test_nms_top_k_limits_candidates_to_the_best():
     rng = np.random.default_rng(7)
     boxes, scores = random_boxes(rng, 40), rng.uniform(0, 1, 40).astype(np.float32)
     kept = nms(boxes, scores, 0.5, top_k=5)
-    assert set(kept.tolist()) <= set(np.argsort(-scores)[:5].tolist())
+    best = np.argsort(-scores)[:5]
+    assert kept.tolist() == best[reference_nms(boxes[best], scores[best], 0.5)].tolist()
 
 
 def test_iou_of_identical_disjoint_and_half_overlapping_boxes():
@@ -86,7 +89,8 @@ def test_detect_faces_applies_confidence_max_faces_and_min_size():
     boxes, _ = detect_faces(loc, conf, priors, (100, 100), params)
     assert len(boxes) == 2  # the 1-pixel face is under min_face_size
     assert len(detect_faces(loc, conf, priors, (100, 100), params.override({"confidence": 0.8}))[0]) == 1
-    assert len(detect_faces(loc, conf, priors, (100, 100), params.override({"max_faces": 1}))[0]) == 1
+    _, (best,) = detect_faces(loc, conf, priors, (100, 100), params.override({"max_faces": 1}))
+    assert best == pytest.approx(0.9)  # the best face that passes min_face_size
     assert len(detect_faces(loc, conf, priors, (100, 100), params.override({"min_face_size": 0}))[0]) == 3
 
 
@@ -114,6 +118,28 @@ def test_bad_thresholds_raise_a_message_naming_the_parameter(bad):
     (name,) = bad
     with pytest.raises(ValueError, match=name):
         DetectionParams.from_config(DEFAULTS).override(bad)
+
+
+def test_overrides_above_the_configured_limits_are_refused():
+    params = DetectionParams.from_config(DEFAULTS)
+    limits = override_limits({**DEFAULTS, **LIMITS}, params)
+    assert limits == {"max_faces": 1000, "pre_nms_top_k": 2000}
+    at_limit = params.override({"max_faces": "1000", "pre_nms_top_k": 2000}, limits)
+    assert (at_limit.max_faces, at_limit.pre_nms_top_k) == (1000, 2000)
+    for name, value in (("max_faces", 1001), ("pre_nms_top_k", "100000")):
+        with pytest.raises(InvalidRequest, match=f"{name} must be at most .* {name}_limit.*got {value!r}"):
+            params.override({name: value}, limits)
+    assert params.override({"pre_nms_top_k": 100000}).pre_nms_top_k == 100000  # no limits given: none applied
+
+
+def test_limits_are_required_and_must_allow_the_configs_own_values():
+    params = DetectionParams.from_config(DEFAULTS)
+    with pytest.raises(ValueError, match="pre_nms_top_k_limit"):
+        override_limits({**DEFAULTS, "max_faces_limit": "1000"}, params)
+    with pytest.raises(ValueError, match=r"max_faces \(50\) exceeds max_faces_limit \(20\)"):
+        override_limits({**DEFAULTS, **LIMITS, "max_faces_limit": "20"}, params)
+    with pytest.raises(ValueError, match="max_faces_limit"):
+        override_limits({**DEFAULTS, **LIMITS, "max_faces_limit": "0"}, params)
 
 
 def test_config_thresholds_are_required_and_unknown_request_keys_ignored():
@@ -161,3 +187,18 @@ def test_outputs_are_padded_to_the_most_faces_and_count_the_real_rows():
     np.testing.assert_allclose(outputs["LABEL_SCORES"], [[0.6, 0.5], [0, 0], [0.4, 0]])
     assert padded_outputs([np.zeros((0, 4))], [np.zeros(0)], np.array([], object), np.zeros(0), [0])["BOXES"].shape == (
         1, 0, 4)
+
+
+def test_classifier_batches_cut_every_face_in_order_a_batch_at_a_time():
+    """The same inputs as one classifier_batch per image, concatenated, whatever the batch size; faceless images
+    add nothing."""
+    rng = np.random.default_rng(4)
+    images = [rng.integers(0, 256, (90 + 10 * i, 120, 3), dtype=np.uint8) for i in range(4)]
+    boxes = [np.float32([[5, 5, 60, 70], [30, 10, 100, 80], [0, 0, 20, 20]]), np.zeros((0, 4), np.float32),
+             np.float32([[10, 20, 50, 60]]), np.float32([[1, 2, 110, 100], [40, 40, 80, 90]])]
+    whole = np.concatenate([classifier_batch(image, image_boxes) for image, image_boxes in zip(images, boxes)])
+    for size in (1, 2, 4, 16):
+        batches = list(classifier_batches(images, boxes, size))
+        assert [len(batch) for batch in batches] == [min(size, 6 - start) for start in range(0, 6, size)]
+        np.testing.assert_array_equal(np.concatenate(batches), whole)
+    assert list(classifier_batches(images[1:2], boxes[1:2], 16)) == []

@@ -150,8 +150,10 @@ def test_malformed_input_is_rejected_and_server_stays_healthy(bad_input, client)
     assert detect(client, [IMAGES["astronaut"]])[0].labels.size == 1
 
 
-@pytest.mark.parametrize("parameters", [{"confidence": 2.0}, {"max_faces": "many"}, {"iou": 0}])
+@pytest.mark.parametrize("parameters", [{"confidence": 2.0}, {"max_faces": "many"}, {"iou": 0},
+                                        {"max_faces": 1001}, {"pre_nms_top_k": 100000}])
 def test_bad_parameter_value_is_the_callers_error(parameters, client):
+    """Out of range or above the model's limit (max_faces_limit, pre_nms_top_k_limit): the caller's error."""
     with pytest.raises(InferenceServerException) as error:
         client.infer(MODEL, [image_input(IMAGES["astronaut"][None])], parameters=parameters)
     assert next(iter(parameters)) in error.value.message()
@@ -159,14 +161,29 @@ def test_bad_parameter_value_is_the_callers_error(parameters, client):
     assert client.is_server_ready()
 
 
-def _load_failure(model_repository, tmp_path, edits: dict[str, str]) -> str:
-    """Triton's report when the repository, with each model's edited inputs, is started."""
+def test_overrides_up_to_the_limits_are_served(client):
+    (found,) = detect(client, [IMAGES["astronaut"]], parameters={"max_faces": 1000, "pre_nms_top_k": 2000})
+    assert found.labels.size == 1
+
+
+def test_an_image_without_pixels_is_the_callers_error(client):
+    with pytest.raises(InferenceServerException) as error:
+        client.infer(MODEL, [image_input(np.zeros((1, 0, 64, 3), np.uint8))])
+    assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "IMAGE is 64x0 pixels" in error.value.message()
+    assert client.is_server_ready()
+
+
+def _load_failure(model_repository, tmp_path, inputs: dict[str, str] | None = None,
+                  merges: tuple[str, ...] = ()) -> str:
+    """Triton's report when the repository, with each model's `inputs` replaced and `merges` merged, is started."""
     from benchmarks.config_variant import make_variant
     from ensemble.triton.launcher import TritonServer, TritonStartError
 
+    inputs = inputs or {}
     variant = make_variant(tmp_path / "variant", source=model_repository,
-                           clears=[f"{model}:input" for model in edits],
-                           merges=[f"{model}:input [ {inputs} ]" for model, inputs in edits.items()])
+                           clears=[f"{model}:input" for model in inputs],
+                           merges=[f"{model}:input [ {text} ]" for model, text in inputs.items()] + list(merges))
     with pytest.raises(TritonStartError) as error:
         TritonServer(variant, ready_timeout=60, log_file=tmp_path / "tritonserver.log").start()
     return str(error.value)
@@ -185,4 +202,13 @@ def test_postprocess_refuses_to_load_a_classifier_whose_input_disagrees_with_the
     report = _load_failure(model_repository, tmp_path, {
         "mask_classifier": '{ name: "input", data_type: TYPE_FP32, dims: [ 160, 160, 3 ] }'})
     assert "model 'postprocess' failed to load" in report
-    assert "declares inputs [('input', (160, 160, 3))]" in report
+    assert "declares inputs [('input', 'TYPE_FP32', (160, 160, 3))]" in report
+
+
+def test_postprocess_refuses_to_load_labels_the_classifier_does_not_score(model_repository, tmp_path):
+    """Three labels for a two-way classifier would fail only requests that have faces, and only at run time."""
+    report = _load_failure(model_repository, tmp_path, merges=(
+        'postprocess:parameters { key: "labels" value { string_value: "mask, no_mask, unsure" } }',))
+    assert "model 'postprocess' failed to load" in report
+    assert "outputs [('probabilities', 'TYPE_FP32', (2,))]" in report
+    assert "one probability per label of mask,no_mask,unsure" in report  # the labels' spaces are not part of them

@@ -1,5 +1,6 @@
 """The canonical repository's configs agree with each other and with ensemble/layouts.py."""
 import pytest
+from tritonclient.grpc.model_config_pb2 import DataType
 
 from ensemble import layouts
 from ensemble.reference import DEFAULT_REPOSITORY
@@ -40,7 +41,7 @@ def test_every_step_takes_the_ensemble_batch():
 @pytest.mark.parametrize(("model", "layout"), [("face_detector", layouts.DETECTOR_INPUT),
                                                ("mask_classifier", layouts.CLASSIFIER_INPUT)])
 def test_model_inputs_follow_layouts(model, layout):
-    assert tensors(CONFIGS[model], "input") == {layout.tensor: (CONFIGS[model].input[0].data_type, list(layout.dims))}
+    assert tensors(CONFIGS[model], "input") == {layout.tensor: (DataType.TYPE_FP32, list(layout.dims))}
 
 
 def test_detector_outputs_and_preprocess_blob_follow_layouts():
@@ -57,3 +58,11 @@ def test_postprocess_parameters_name_the_classifier_its_labels_and_priors():
     assert tuple(labels_file.read_text().split()) == layouts.CLASSIFIER_LABELS
     assert (DEFAULT_REPOSITORY / "postprocess" / parameters["priors_file"]).resolve().parent == \
         (DEFAULT_REPOSITORY / "face_detector" / "1").resolve()
+
+
+def test_the_gateway_never_forwards_a_max_faces_postprocess_refuses():
+    """The gateway's own bound on max_faces is postprocess's max_faces_limit: a 422 from the gateway, not a Triton
+    INVALID_ARG, for anything larger."""
+    from gateway.params import MAX_FACES_LIMIT
+
+    assert int(string_parameters(CONFIGS["postprocess"])["max_faces_limit"]) == MAX_FACES_LIMIT

@@ -4,11 +4,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from google.protobuf import text_format
-from tritonclient.grpc.model_config_pb2 import ModelConfig
+from tritonclient.grpc.model_config_pb2 import DataType, ModelConfig
 
 CONFIG_FILE = "config.pbtxt"
 ONNXRUNTIME_BACKEND = "onnxruntime"
 ONNXRUNTIME_PLATFORM = "onnxruntime_onnx"
+
+
+def type_name(tensor) -> str:
+    """A config tensor's data type as config.pbtxt spells it ("TYPE_FP32")."""
+    return DataType.Name(tensor.data_type)
 
 
 def parse_config(text: str) -> ModelConfig:

@@ -46,8 +46,7 @@ class ServerLikeClient(FlaskClient):
 
 
 def server_like_client(app) -> ServerLikeClient:
-    app.test_client_class = ServerLikeClient
-    return app.test_client()
+    return ServerLikeClient(app, app.response_class)  # for this client only: app.test_client() stays Flask's
 
 
 def encode(image_bgr: np.ndarray, ext: str = ".png") -> bytes:

@@ -201,7 +201,7 @@ def test_app_metrics_merge_triton_and_count_requests_errors_and_images(observed_
     assert samples[("gateway_faces_per_image_sum", ())] == sum(labelled.values())
     assert {stage for (name, labels) in samples if name == "gateway_stage_duration_seconds_count"
             for key, stage in labels} == {"decode", "triton", "encode", "total"}
-    assert samples[("gateway_stage_duration_seconds_count", (("stage", "total"),))] == 2  # the 400 too
+    assert samples[("gateway_stage_duration_seconds_count", (("stage", "total"),))] == 1  # not the caller's 400
     assert samples[("gateway_triton_metrics_up", ())] == 1
     assert counted + "\n" in text  # as Triton wrote it
     helps = [line.split()[2] for line in text.splitlines() if line.startswith("# HELP ")]
@@ -212,7 +212,7 @@ def test_app_metrics_merge_triton_and_count_requests_errors_and_images(observed_
     assert "nv_inference_count" in parsed
     with_exemplar = [s for s in parsed["gateway_stage_duration_seconds"].samples if s.exemplar]
     assert {s.labels["stage"] for s in with_exemplar} == {"decode", "triton", "encode", "total"}
-    assert len({s.exemplar.labels["trace_id"] for s in with_exemplar}) == 2  # both requests were sampled
+    assert len({s.exemplar.labels["trace_id"] for s in with_exemplar}) == 1  # the 400 observes no stage at all
     assert all(s.exemplar.value <= float(s.labels["le"]) for s in with_exemplar)
 
 
@@ -349,7 +349,8 @@ def test_work_after_the_response_runs_when_the_server_closes_it_and_one_failure_
 def test_the_access_log_line_and_request_metrics_are_written_when_the_answer_is_closed(tmp_path):
     """In the app as create_app wires it (hook order included): nothing before the server's close(), all after."""
     log = tmp_path / "access.log"
-    app = create_app({"SETTINGS": Settings(triton_metrics_url="off", access_log=str(log))})
+    app = create_app({"SETTINGS": Settings(triton_metrics_url="off", access_log=str(log),
+                                            triton_url=f"127.0.0.1:{free_port()}")})  # nothing listens there
     total = 'gateway_stage_duration_seconds_count{stage="total"}'
 
     def totals() -> str:
@@ -358,8 +359,16 @@ def test_the_access_log_line_and_request_metrics_are_written_when_the_answer_is_
 
     response = app.test_client().post("/v1/detect", data=b"xx", headers={"Content-Type": "image/jpeg"})
     assert response.status_code == 400 and response.get_json()["error"]["code"] == "invalid_image"
-    assert log.read_text() == "" and totals() == ""  # no request observed yet: not even its series
+    assert log.read_text() == ""  # nothing logged yet
     response.close()
     (line,) = log.read_text().splitlines()
     assert json.loads(line)["error_code"] == "invalid_image"
-    assert totals() == f"{total} 1.0"
+    assert totals() == ""  # the caller's mistake is not part of the latency SLO's `total`
+
+    image = cv2.imencode(".jpg", np.full((32, 32, 3), 128, np.uint8))[1].tobytes()
+    response = app.test_client().post("/v1/detect", data=image, headers={"Content-Type": "image/jpeg"})
+    assert response.status_code == 503 and response.get_json()["error"]["code"] == "triton_unreachable"
+    assert len(log.read_text().splitlines()) == 1 and totals() == ""  # the service's own failure: not yet ...
+    response.close()
+    assert json.loads(log.read_text().splitlines()[-1])["error_code"] == "triton_unreachable"
+    assert totals() == f"{total} 1.0"  # ... and counted once the answer is closed

@@ -8,11 +8,11 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ensemble.layouts import CLASSIFIER_INPUT, CLASSIFIER_OUTPUT
-from ensemble.postprocess import DetectionParams, detect_faces, label_faces, padded_outputs
-from ensemble.preprocess import classifier_batch
+from ensemble.postprocess import DetectionParams, detect_faces, label_faces, override_limits, padded_outputs
+from ensemble.preprocess import classifier_batches
 from ensemble.ssd import load_priors, to_host
 from ensemble.triton import pb
-from ensemble.triton.config import load_config
+from ensemble.triton.config import load_config, type_name
 
 
 class TritonPythonModel:
@@ -23,18 +23,17 @@ class TritonPythonModel:
         config = pb.model_config(args)
         parameters = pb.config_parameters(config)
         self._params = DetectionParams.from_config(parameters)
-        self._labels = tuple(parameters["labels"].split(","))
+        self._limits = override_limits(parameters, self._params)
+        self._labels = tuple(label.strip() for label in parameters["labels"].split(","))
         self._classifier = parameters["classifier_model"]
         self._priors = load_priors(model_dir / parameters["priors_file"])
         loc_rows = next(int(spec["dims"][0]) for spec in config["input"] if spec["name"] == "LOC")
         if loc_rows != len(self._priors.center):  # else every box would be decoded against the wrong prior
             raise ValueError(f"LOC has {loc_rows} rows in config.pbtxt but {parameters['priors_file']} holds "
                              f"{len(self._priors.center)} priors")
-        self._device_priors = None  # the priors as CuPy arrays, made when heads first arrive on the GPU
-        # KIND_AUTO gives each GPU its own instance; CuPy must work on that one, not on its current device (0).
-        self._gpu = int(args["model_instance_device_id"]) if args.get("model_instance_kind") == "GPU" else None
+        self._device_priors = {}  # GPU id -> the priors as CuPy arrays, made when heads first arrive on that GPU
         classifier = load_config(model_dir.parent / self._classifier)
-        _check_classifier_layout(self._classifier, classifier)
+        _check_classifier_layout(self._classifier, classifier, self._labels)
         self._chunk = classifier.max_batch_size
         if self._chunk < 1:
             raise ValueError(f"{self._classifier} must batch (max_batch_size >= 1) to take all faces in one call")
@@ -45,38 +44,45 @@ class TritonPythonModel:
         return pb.respond_each(requests, self._detect)
 
     def _detect(self, request):
-        params = self._params.override(pb.request_parameters(request))
+        params = self._params.override(pb.request_parameters(request), self._limits)
         locs, confs, priors = self._heads(request)
         images = _host(pb_utils.get_input_tensor_by_name(request, "IMAGE"))
         faces = [detect_faces(loc, conf, priors, image.shape[:2], params)
                  for loc, conf, image in zip(locs, confs, images)]
         boxes = [to_host(found).astype(np.float32) for found, _ in faces]
         scores = [to_host(score).astype(np.float32) for _, score in faces]
-        crops = [classifier_batch(image, image_boxes) for image, image_boxes in zip(images, boxes)]
-        labels, label_scores = label_faces(self._classify(np.concatenate(crops), request), self._labels)
+        crops = classifier_batches(images, boxes, self._chunk)
+        labels, label_scores = label_faces(self._classify(crops, request), self._labels)
         counts = [len(image_boxes) for image_boxes in boxes]
         encoded = np.array([label.encode() for label in labels], dtype=object)
         return padded_outputs(boxes, scores, encoded, label_scores, counts)
 
     def _heads(self, request):
-        """LOC, CONF and the priors where the detector left the heads: numpy on the CPU, CuPy (DLPack) on the GPU."""
-        loc, conf = (pb_utils.get_input_tensor_by_name(request, name) for name in ("LOC", "CONF"))
-        if loc.is_cpu() and conf.is_cpu():
-            return loc.as_numpy(), conf.as_numpy(), self._priors
-        cupy = _cupy("LOC/CONF")
-        if self._gpu is not None:
-            cupy.cuda.Device(self._gpu).use()  # this thread's kernels and allocations go to the instance's GPU
-        if self._device_priors is None:
-            self._device_priors = self._priors.on(cupy)
-        return _on_device(cupy, loc), _on_device(cupy, conf), self._device_priors
+        """LOC, CONF and the priors where the detector left the heads: numpy on the CPU, CuPy (DLPack) on the GPU.
 
-    def _classify(self, crops, request):
+        On the GPU, the work stays on the device that holds the heads: the Python backend keeps an input on the GPU
+        that produced it, which on a multi-GPU host need not be this instance's own.
+        """
+        tensors = [pb_utils.get_input_tensor_by_name(request, name) for name in ("LOC", "CONF")]
+        if all(tensor.is_cpu() for tensor in tensors):
+            return tensors[0].as_numpy(), tensors[1].as_numpy(), self._priors
+        cupy = _cupy("LOC/CONF")
+        on_gpu = [None if tensor.is_cpu() else cupy.from_dlpack(tensor.to_dlpack()) for tensor in tensors]
+        device = next(array.device for array in on_gpu if array is not None)
+        device.use()  # this thread's kernels and allocations go to the heads' GPU
+        if device.id not in self._device_priors:
+            self._device_priors[device.id] = self._priors.on(cupy)
+        loc, conf = (array if array is not None else cupy.asarray(tensor.as_numpy())
+                     for array, tensor in zip(on_gpu, tensors))
+        return loc, conf, self._device_priors[device.id]
+
+    def _classify(self, batches, request):
         """Class probabilities of all crops: one BLS call per classifier batch, traced under this request."""
         probabilities = [np.zeros((0, len(self._labels)), np.float32)]
-        for start in range(0, len(crops), self._chunk):
+        for crops in batches:
             call = pb_utils.InferenceRequest(
                 model_name=self._classifier, requested_output_names=[CLASSIFIER_OUTPUT],
-                inputs=[pb_utils.Tensor(CLASSIFIER_INPUT.tensor, crops[start:start + self._chunk])],
+                inputs=[pb_utils.Tensor(CLASSIFIER_INPUT.tensor, crops)],
                 trace=request.trace(), parameters=pb.bls_parameters(request),
                 preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU))
             response = call.exec()
@@ -86,24 +92,22 @@ class TritonPythonModel:
         return np.concatenate(probabilities)
 
 
-def _check_classifier_layout(name: str, config) -> None:
-    """The crops are cut and named as ensemble/layouts.py says: the classifier's config.pbtxt must agree."""
-    declared = [(tensor.name, tuple(tensor.dims)) for tensor in config.input]
-    expected = [(CLASSIFIER_INPUT.tensor, CLASSIFIER_INPUT.dims)]
-    if declared != expected or [tensor.name for tensor in config.output] != [CLASSIFIER_OUTPUT]:
-        raise ValueError(f"{name}'s config.pbtxt declares inputs {declared} and outputs "
-                         f"{[tensor.name for tensor in config.output]}, but ensemble/layouts.py cuts crops for "
-                         f"{expected} and reads {CLASSIFIER_OUTPUT!r}")
+def _check_classifier_layout(name: str, config, labels: tuple[str, ...]) -> None:
+    """The crops are cut and named as ensemble/layouts.py says, and scored once per label: the classifier's
+    config.pbtxt must agree (else only requests with faces would fail, and only at run time)."""
+    declared = [(tensor.name, type_name(tensor), tuple(tensor.dims)) for tensor in config.input]
+    expected = [(CLASSIFIER_INPUT.tensor, "TYPE_FP32", CLASSIFIER_INPUT.dims)]
+    outputs = [(tensor.name, type_name(tensor), tuple(tensor.dims)) for tensor in config.output]
+    scored = [(CLASSIFIER_OUTPUT, "TYPE_FP32", (len(labels),))]
+    if declared != expected or outputs != scored:
+        raise ValueError(f"{name}'s config.pbtxt declares inputs {declared} and outputs {outputs}, but "
+                         f"ensemble/layouts.py cuts crops for {expected} and postprocess reads {scored} "
+                         f"(one probability per label of {','.join(labels)})")
 
 
 def _host(tensor) -> np.ndarray:
     """A numpy copy of a tensor, wherever it arrived."""
     return tensor.as_numpy() if tensor.is_cpu() else _cupy(tensor.name()).from_dlpack(tensor.to_dlpack()).get()
-
-
-def _on_device(cupy, tensor):
-    """A tensor as a CuPy array: zero-copy from GPU memory, copied up from host memory."""
-    return cupy.asarray(tensor.as_numpy()) if tensor.is_cpu() else cupy.from_dlpack(tensor.to_dlpack())
 
 
 def _cupy(name: str):

@@ -1,4 +1,5 @@
 """Triton adapter: decoded BGR images -> face-detector input blobs; the numerics live in ensemble/preprocess.py."""
+from ensemble.errors import InvalidRequest
 from ensemble.layouts import DETECTOR_INPUT
 from ensemble.preprocess import detector_blobs
 from ensemble.triton import pb
@@ -20,7 +21,10 @@ class TritonPythonModel:
         return pb.respond_batched(requests, self._read, self._blobs)
 
     def _read(self, request):
-        return {self._image: pb.input_array(request, self._image)}  # [B, H, W, 3] uint8: one size per request
+        images = pb.input_array(request, self._image)  # [B, H, W, 3] uint8: one size per request
+        if 0 in images.shape[1:3]:  # dims [-1, -1, 3] let it through; resizing it would fail as a server error
+            raise InvalidRequest(f"{self._image} is {images.shape[2]}x{images.shape[1]} pixels; an image needs some")
+        return {self._image: images}
 
     def _blobs(self, inputs):
         return {self._blob: detector_blobs(list(inputs[self._image]))}
