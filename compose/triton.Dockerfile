@@ -6,9 +6,8 @@ FROM nvcr.io/nvidia/tritonserver:24.10-py3
 WORKDIR /opt/facemask
 COPY setup.cfg pyproject.toml README.md ./
 COPY ensemble ./ensemble
-# --no-deps: the package's own requirements include the pip tritonserver (nvidia-pytriton) and ONNX
-# tooling that this image already has or does not need; the Python models need only these. The
-# tritonclient pin matches the server, for its model_config protobuf. CuPy (for the image's CUDA 12):
+# --no-deps: the Python models need only the packages below, and the tritonclient pin must match the
+# server (for its model_config protobuf), which the package's own looser requirement would not keep. CuPy (for the image's CUDA 12):
 # postprocess keeps the detector's heads on the GPU (FORCE_CPU_ONLY_INPUT_TENSORS "no") and decodes them
 # there through DLPack; without it every request whose heads arrive in GPU memory would fail.
 RUN python3 -m pip install --no-cache-dir --no-deps . \

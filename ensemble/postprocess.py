@@ -114,7 +114,8 @@ def detect_faces(loc: Array, conf: Array, priors: Priors, image_hw: tuple[int, i
     boxes, scores = boxes * limits, scores[candidates]
     # Sizes are judged on what lies inside the image; NMS sees unclipped boxes, as Caffe's does. Unlike Caffe
     # (no size filter), boxes under min_face_size or wholly outside are dropped before top-k and NMS: they take
-    # no top-k place and suppress no neighbour (the parity test runs with min_face_size 0, where both agree).
+    # no top-k place and suppress no neighbour. The parity test (min_face_size 0) finds the same faces as Caffe's
+    # cv2.dnn on its images; a box wholly outside the image could still make a difference there.
     inside = xp.clip(boxes, 0, limits)
     visible = xp.min(inside[:, 2:] - inside[:, :2], axis=1)
     kept = (visible > 0) & (visible >= params.min_face_size)

@@ -38,7 +38,7 @@ class ServiceMetrics:
         self.stage_duration = Histogram(
             "gateway_stage_duration_seconds",
             "Time per stage of a detection request: decode (image), triton (the gRPC round trip), encode (the "
-            "answer) and total (the whole request); exemplars carry the trace id",
+            "answer) and total (the whole request, the caller's errors excepted); exemplars carry the trace id",
             ["stage"], buckets=STAGE_BUCKETS, registry=registry)
         self.faces_per_image = Histogram("gateway_faces_per_image", "Faces found per image", buckets=FACES_BUCKETS,
                                          registry=registry)

@@ -139,12 +139,13 @@ def _encoding(response_format: str):
 def _observe_total(response):
     """The whole detection request as the caller waited for it, as stage `total` (the latency SLO's metric).
 
-    Answers and the service's own failures (5xx) count; the caller's mistakes (4xx) do not: a stalled upload's
-    408 comes after GATEWAY_CLIENT_TIMEOUT_S, and a few such cameras would breach the SLO of a healthy service.
+    Answers and the service's own failures (Triton's 429 and 5xx included) count; the caller's mistakes do not:
+    a stalled upload's 408 comes after GATEWAY_CLIENT_TIMEOUT_S, and a few such cameras would breach the SLO of a
+    healthy service.
     """
     if request.endpoint in DETECTION_ENDPOINTS:
         set_server_span_attributes(**{"gateway.request_id": g.get("request_id"), "gateway.faces": g.get("faces")})
-        if not 400 <= response.status_code < 500:
+        if g.get("error_kind") != "client":  # errors.error_kind: client, upstream or internal
             _observe_stage_after_answer("total", current_timings().total_ms() / 1000.0)
     return response
 

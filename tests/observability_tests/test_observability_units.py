@@ -258,6 +258,24 @@ def test_unhandled_exceptions_are_counted_and_answered_as_internal_error():
     assert "gateway_triton_metrics_up" not in text  # the merge is off
 
 
+def test_the_latency_slo_counts_triton_turning_requests_away_but_not_the_callers_mistakes():
+    """stage="total" feeds the latency SLO: Triton's 429 (overloaded) is the service's failure and counts, as the
+    internal error does; the caller's 4xx do not. The fake stands in for a Triton whose queue is full, which the
+    session's Triton cannot be made to be on demand."""
+    from gateway.errors import TritonOverloaded
+
+    image = encode(np.full((50, 50, 3), 9, np.uint8), ".jpg")
+    total = 'gateway_stage_duration_seconds_count{stage="total"}'
+    for detector, status, counted in ((FakeDetector(TritonOverloaded("busy")), 429, 1),
+                                      (FakeDetector(KeyError("secret")), 500, 1), (None, 415, 0)):
+        config = {"SETTINGS": Settings(triton_metrics_url="off", access_log="off")}
+        client = server_like_client(create_app({**config, "DETECTOR": detector} if detector else config))
+        content_type = "image/jpeg" if detector else "text/plain"
+        assert client.post("/v1/detect", data=image, headers={"Content-Type": content_type}).status_code == status
+        lines = [line for line in client.get("/metrics").get_data(as_text=True).splitlines() if line.startswith(total)]
+        assert lines == ([f"{total} {counted:.1f}"] if counted else []), status
+
+
 @pytest.mark.triton
 def test_no_exemplar_without_a_sampled_trace(observed_stack, hopper):
     client = server_like_client(_app(observed_stack))  # no exporter, no caller context: nothing sampled
