@@ -45,6 +45,9 @@ BUILDS = (
                (PACKAGE_DIR / "export" / "mask_classifier.py",)),
 )
 SHARED_SOURCES = (PACKAGE_DIR / "export" / "onnx_io.py", PACKAGE_DIR / "layouts.py")
+# Files another model reads, copied into its own folder: Triton copies each model of a repository in cloud
+# storage (S3, GCS) to a folder of its own, where `../face_detector` is not there to read.
+COPIES = (("face_detector/1/priors.npy", "postprocess/1/priors.npy"),)
 
 
 def fingerprint(build: ModelBuild, weights: WeightFiles) -> str:
@@ -100,7 +103,19 @@ def build(repository: Path = DEFAULT_REPOSITORY, force: bool = False, log=print)
         log(f"{model.name}: exported to {model_dir / 'model.onnx'} in {time.perf_counter() - started:.1f}s {report}")
         log(verify(repository, model.name))
         exported.append(model.name)
+    copy_shared_files(repository, log)
     return exported
+
+
+def copy_shared_files(repository: Path, log=print) -> None:
+    """Bring every COPIES destination up to date with its source (a no-op when they already match)."""
+    for source, destination in COPIES:
+        payload = (repository / source).read_bytes()
+        target = repository / destination
+        if target.is_file() and target.read_bytes() == payload:
+            continue
+        onnx_io.write_atomically(target, payload)
+        log(f"{destination}: copied from {source}")
 
 
 def main(argv: list[str] | None = None) -> int:

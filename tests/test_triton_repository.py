@@ -56,8 +56,18 @@ def test_postprocess_parameters_name_the_classifier_its_labels_and_priors():
     assert tuple(parameters["labels"].split(",")) == layouts.CLASSIFIER_LABELS
     labels_file = DEFAULT_REPOSITORY / classifier.name / classifier.output[0].label_filename
     assert tuple(labels_file.read_text().split()) == layouts.CLASSIFIER_LABELS
-    assert (DEFAULT_REPOSITORY / "postprocess" / parameters["priors_file"]).resolve().parent == \
-        (DEFAULT_REPOSITORY / "face_detector" / "1").resolve()
+    assert int(parameters["classifier_batch_size"]) == classifier.max_batch_size  # as few BLS calls as it allows
+
+
+def test_postprocess_reads_only_its_own_folder_and_its_priors_are_the_detectors():
+    """A copy made by the build (ensemble.build.COPIES), so that postprocess loads where Triton copies each model
+    to a folder of its own (cloud storage)."""
+    from ensemble.build import COPIES
+
+    priors = (DEFAULT_REPOSITORY / "postprocess" / string_parameters(CONFIGS["postprocess"])["priors_file"]).resolve()
+    assert priors.is_relative_to((DEFAULT_REPOSITORY / "postprocess").resolve())
+    assert ("face_detector/1/priors.npy", "postprocess/1/priors.npy") in COPIES
+    assert priors == (DEFAULT_REPOSITORY / "postprocess/1/priors.npy").resolve()
 
 
 def test_the_gateway_never_forwards_a_max_faces_postprocess_refuses():

@@ -15,14 +15,25 @@ class ExportError(RuntimeError):
     """An export could not produce a valid model; nothing was written."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path: Path, payload: bytes) -> None:
-    """Write to a temp file beside `path`, then rename: readers never see half a file."""
+    """Write to a temp file beside `path`, then rename: readers never see half a file.
+
+    The file gets the permissions a plain open() would give it (0666 less the umask), not mkstemp's 0600: a model
+    repository is read by a server that need not run as the user who built it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

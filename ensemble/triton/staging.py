@@ -25,8 +25,8 @@ def gpu_visible() -> bool:
 def stage_runtime_repository(canonical: Path, dest: Path, *, gpu: bool | None = None) -> Path:
     """Mirror `canonical` into `dest` (files symlinked, directories real) with every ONNX model on onnx_runner.
 
-    Directories are real and files are links, so a relative path such as postprocess's
-    `../face_detector/1/priors.npy` resolves inside `dest` whether read lexically or through the links.
+    Directories are real and files are links, so a relative path such as postprocess's `1/priors.npy` (or one
+    reaching into a sibling model) resolves inside `dest` whether read lexically or through the links.
     The canonical repository is only read. `gpu=None` asks the machine.
     """
     canonical, dest = Path(canonical).resolve(), Path(dest)

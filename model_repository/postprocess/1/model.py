@@ -12,7 +12,7 @@ from ensemble.postprocess import DetectionParams, detect_faces, label_faces, ove
 from ensemble.preprocess import classifier_batches
 from ensemble.ssd import load_priors, to_host
 from ensemble.triton import pb
-from ensemble.triton.config import load_config, type_name
+from ensemble.triton.config import CONFIG_FILE, load_config, type_name
 
 
 class TritonPythonModel:
@@ -32,11 +32,15 @@ class TritonPythonModel:
             raise ValueError(f"LOC has {loc_rows} rows in config.pbtxt but {parameters['priors_file']} holds "
                              f"{len(self._priors.center)} priors")
         self._device_priors = {}  # GPU id -> the priors as CuPy arrays, made when heads first arrive on that GPU
-        classifier = load_config(model_dir.parent / self._classifier)
-        _check_classifier_layout(self._classifier, classifier, self._labels)
-        self._chunk = classifier.max_batch_size
+        self._chunk = int(parameters["classifier_batch_size"])
         if self._chunk < 1:
-            raise ValueError(f"{self._classifier} must batch (max_batch_size >= 1) to take all faces in one call")
+            raise ValueError(f"classifier_batch_size must be >= 1, got {self._chunk}")
+        classifier = model_dir.parent / self._classifier / CONFIG_FILE
+        if classifier.is_file():
+            _check_classifier(self._classifier, load_config(classifier), self._labels, self._chunk)
+        else:  # a repository Triton copies model by model (cloud storage): the repository's tests hold them in sync
+            pb_utils.Logger.log_warn(f"{classifier} is not readable from here: the classifier's tensors and "
+                                     "batch size were not checked against postprocess's")
 
     def execute(self, requests):
         # Per request, not joined: a BLS call carries one request's trace, and each request's classifier span
@@ -92,9 +96,12 @@ class TritonPythonModel:
         return np.concatenate(probabilities)
 
 
-def _check_classifier_layout(name: str, config, labels: tuple[str, ...]) -> None:
-    """The crops are cut and named as ensemble/layouts.py says, and scored once per label: the classifier's
-    config.pbtxt must agree (else only requests with faces would fail, and only at run time)."""
+def _check_classifier(name: str, config, labels: tuple[str, ...], batch_size: int) -> None:
+    """The crops are cut and named as ensemble/layouts.py says, scored once per label, and sent classifier_batch_size
+    at a time: the classifier's config.pbtxt must agree (else only requests with faces would fail, at run time)."""
+    if not 1 <= batch_size <= config.max_batch_size:
+        raise ValueError(f"classifier_batch_size is {batch_size} but {name}'s max_batch_size is "
+                         f"{config.max_batch_size}: each BLS call would be refused")
     declared = [(tensor.name, type_name(tensor), tuple(tensor.dims)) for tensor in config.input]
     expected = [(CLASSIFIER_INPUT.tensor, "TYPE_FP32", CLASSIFIER_INPUT.dims)]
     outputs = [(tensor.name, type_name(tensor), tuple(tensor.dims)) for tensor in config.output]
