@@ -1,7 +1,8 @@
 """`python -m ensemble.build`: fetch the pinned weights, export both ONNX models, verify them.
 
 Idempotent: each exported model carries a stamp of what it was built from (weights and
-exporter source); a model whose stamp matches is left alone.
+exporter source); a model whose stamp matches is left alone. Files another model reads (the
+detector's priors, for postprocess) are copied into that model's folder whenever they differ.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import onnxruntime as ort
 from ensemble.export import onnx_io
 from ensemble.export.face_detector import export_face_detector
 from ensemble.export.mask_classifier import export_mask_classifier
-from ensemble.reference import DEFAULT_REPOSITORY, MODEL_FILE
+from ensemble.reference import DEFAULT_REPOSITORY, DETECTOR_PRIORS, MODEL_FILE
 from ensemble.triton.config import load_config
 from ensemble.weights import WeightFiles, fetch_weights, sha256_of
 
@@ -47,7 +48,7 @@ BUILDS = (
 SHARED_SOURCES = (PACKAGE_DIR / "export" / "onnx_io.py", PACKAGE_DIR / "layouts.py")
 # Files another model reads, copied into its own folder: Triton copies each model of a repository in cloud
 # storage (S3, GCS) to a folder of its own, where `../face_detector` is not there to read.
-COPIES = (("face_detector/1/priors.npy", "postprocess/1/priors.npy"),)
+COPIES = ((DETECTOR_PRIORS, "postprocess/1/priors.npy"),)
 
 
 def fingerprint(build: ModelBuild, weights: WeightFiles) -> str:
@@ -103,13 +104,19 @@ def build(repository: Path = DEFAULT_REPOSITORY, force: bool = False, log=print)
         log(f"{model.name}: exported to {model_dir / 'model.onnx'} in {time.perf_counter() - started:.1f}s {report}")
         log(verify(repository, model.name))
         exported.append(model.name)
+        copy_shared_files(repository, log, model.name)  # at once: a later model's failed export leaves no stale copy
     copy_shared_files(repository, log)
     return exported
 
 
-def copy_shared_files(repository: Path, log=print) -> None:
-    """Bring every COPIES destination up to date with its source (a no-op when they already match)."""
+def copy_shared_files(repository: Path, log=print, model: str | None = None) -> None:
+    """Bring every COPIES destination (of `model`'s files, or of all) up to date with its source; a no-op when
+    they already match."""
     for source, destination in COPIES:
+        if model is not None and not source.startswith(f"{model}/"):
+            continue
+        if not (repository / source).is_file():
+            raise onnx_io.ExportError(f"{source} is missing: run `python -m ensemble.build --force`")
         payload = (repository / source).read_bytes()
         target = repository / destination
         if target.is_file() and target.read_bytes() == payload:

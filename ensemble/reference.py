@@ -20,6 +20,9 @@ from ensemble.triton.config import load_config, string_parameters
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 MODEL_FILE = Path("1") / "model.onnx"
+# The detector export's prior boxes. postprocess decodes against a copy in its own folder (ensemble.build.COPIES);
+# the reference reads the original, so a stale copy shows as a parity failure.
+DETECTOR_PRIORS = "face_detector/1/priors.npy"
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class ReferencePipeline:
         postprocess = string_parameters(load_config(repository / "postprocess"))
         self.params = DetectionParams.from_config(postprocess)
         self.labels = tuple(postprocess["labels"].split(","))
-        self.priors = load_priors(repository / "postprocess" / postprocess["priors_file"])
+        self.priors = load_priors(repository / DETECTOR_PRIORS)
         self.detector = _session(repository / "face_detector" / MODEL_FILE, threads)
         self.classifier = _session(repository / "mask_classifier" / MODEL_FILE, threads)
 

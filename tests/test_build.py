@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from ensemble.build import BUILDS, COPIES, STAMP_FILE, build, copy_shared_files, fingerprint, is_current
+from ensemble.export.onnx_io import ExportError
 from ensemble.weights import MEMBERS, WHEEL_FILE, WeightsError, fetch_weights, sha256_of
 
 
@@ -74,7 +75,7 @@ def test_a_model_missing_a_file_its_export_wrote_is_stale(model_repository, tmp_
     stamp = json.loads((model_dir / STAMP_FILE).read_text())
     (copy / STAMP_FILE).write_text(json.dumps({**stamp, "files": ["model.onnx", "priors.npy"]}))
     assert is_current(copy, fingerprint(model, weights))
-    (copy / "priors.npy").unlink()  # postprocess could not load without it
+    (copy / "priors.npy").unlink()  # the source of postprocess's copy
     assert not is_current(copy, fingerprint(model, weights))
 
 
@@ -103,6 +104,10 @@ def test_files_another_model_reads_are_copied_into_its_folder_and_kept_current(m
     for source, destination in COPIES:
         assert (tmp_path / destination).read_bytes() == (tmp_path / source).read_bytes()
         assert not (tmp_path / destination).is_symlink()
+        (tmp_path / source).unlink()
+    with pytest.raises(ExportError, match="is missing: run `python -m ensemble.build --force`"):
+        copy_shared_files(tmp_path, said.append)
+    copy_shared_files(tmp_path, said.append, model="mask_classifier")  # copies of another model's files only
 
 
 def test_written_files_get_the_permissions_a_plain_open_gives(tmp_path):

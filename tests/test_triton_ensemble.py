@@ -78,11 +78,11 @@ def test_request_parameters_override_config_thresholds(name, client, reference_p
     assert len(served[0.1]) > len(served[0.99]) >= 1
 
 
-def test_faces_of_a_request_reach_the_classifier_in_batches_of_its_max_batch_size(client):
+def test_faces_of_a_request_reach_the_classifier_in_batches_of_classifier_batch_size(client):
     before = client.get_inference_statistics("mask_classifier").model_stats[0]
     (served,) = detect(client, [IMAGES["grace_hopper"]], parameters={"confidence": 0.1})
     after = client.get_inference_statistics("mask_classifier").model_stats[0]
-    chunk = client.get_model_config("mask_classifier").config.max_batch_size
+    chunk = int(client.get_model_config("postprocess").config.parameters["classifier_batch_size"].string_value)
     assert len(served) > chunk
     assert after.inference_count - before.inference_count == len(served)
     assert after.execution_count - before.execution_count == -(-len(served) // chunk)

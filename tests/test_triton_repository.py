@@ -59,9 +59,9 @@ def test_postprocess_parameters_name_the_classifier_its_labels_and_priors():
     assert int(parameters["classifier_batch_size"]) == classifier.max_batch_size  # as few BLS calls as it allows
 
 
-def test_postprocess_reads_only_its_own_folder_and_its_priors_are_the_detectors():
-    """A copy made by the build (ensemble.build.COPIES), so that postprocess loads where Triton copies each model
-    to a folder of its own (cloud storage)."""
+def test_postprocess_reads_its_priors_from_its_own_folder_where_the_build_copies_them():
+    """A copy made by the build (ensemble.build.COPIES; its contents are checked in test_build), so that postprocess
+    loads where Triton copies each model to a folder of its own (cloud storage)."""
     from ensemble.build import COPIES
 
     priors = (DEFAULT_REPOSITORY / "postprocess" / string_parameters(CONFIGS["postprocess"])["priors_file"]).resolve()

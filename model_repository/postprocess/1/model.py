@@ -26,7 +26,11 @@ class TritonPythonModel:
         self._limits = override_limits(parameters, self._params)
         self._labels = tuple(label.strip() for label in parameters["labels"].split(","))
         self._classifier = parameters["classifier_model"]
-        self._priors = load_priors(model_dir / parameters["priors_file"])
+        try:
+            self._priors = load_priors(model_dir / parameters["priors_file"])
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{model_dir / parameters['priors_file']} is missing: `python -m ensemble.build` "
+                                    "(make models) writes it") from None
         loc_rows = next(int(spec["dims"][0]) for spec in config["input"] if spec["name"] == "LOC")
         if loc_rows != len(self._priors.center):  # else every box would be decoded against the wrong prior
             raise ValueError(f"LOC has {loc_rows} rows in config.pbtxt but {parameters['priors_file']} holds "
@@ -36,11 +40,13 @@ class TritonPythonModel:
         if self._chunk < 1:
             raise ValueError(f"classifier_batch_size must be >= 1, got {self._chunk}")
         classifier = model_dir.parent / self._classifier / CONFIG_FILE
-        if classifier.is_file():
-            _check_classifier(self._classifier, load_config(classifier), self._labels, self._chunk)
-        else:  # a repository Triton copies model by model (cloud storage): the repository's tests hold them in sync
+        try:
+            classifier_config = load_config(classifier)
+        except OSError:  # a repository Triton copies model by model (cloud storage): the repository tests keep them
             pb_utils.Logger.log_warn(f"{classifier} is not readable from here: the classifier's tensors and "
                                      "batch size were not checked against postprocess's")
+        else:
+            _check_classifier(self._classifier, classifier_config, self._labels, self._chunk)
 
     def execute(self, requests):
         # Per request, not joined: a BLS call carries one request's trace, and each request's classifier span
