@@ -95,6 +95,7 @@ def build(repository: Path = DEFAULT_REPOSITORY, force: bool = False, log=print)
         expected = fingerprint(model, weights)
         if not force and is_current(model_dir, expected):
             log(f"{model.name}: up to date")
+            copy_shared_files(repository, log, model.name)
             continue
         started = time.perf_counter()
         report = model.export(*model.weights(weights), model_dir)
@@ -105,7 +106,6 @@ def build(repository: Path = DEFAULT_REPOSITORY, force: bool = False, log=print)
         log(verify(repository, model.name))
         exported.append(model.name)
         copy_shared_files(repository, log, model.name)  # at once: a later model's failed export leaves no stale copy
-    copy_shared_files(repository, log)
     return exported
 
 

@@ -124,6 +124,11 @@ def detect_faces(loc: Array, conf: Array, priors: Priors, image_hw: tuple[int, i
     return inside[keep], scores[keep]
 
 
+def config_labels(value: str) -> tuple[str, ...]:
+    """The `labels` parameter ("mask,no_mask") as names, spaces after the commas not part of them."""
+    return tuple(label.strip() for label in value.split(","))
+
+
 def label_faces(probabilities: np.ndarray, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Classifier softmax [K, C] → (label per face as an object array, its probability as float32)."""
     best = np.argmax(probabilities, axis=1)

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ensemble.layouts import CLASSIFIER_INPUT, CLASSIFIER_OUTPUT, DETECTOR_INPUT, DETECTOR_OUTPUTS
-from ensemble.postprocess import DetectionParams, detect_faces, label_faces
+from ensemble.postprocess import DetectionParams, config_labels, detect_faces, label_faces
 from ensemble.preprocess import classifier_batch, detector_blobs
 from ensemble.ssd import load_priors
 from ensemble.triton.config import load_config, string_parameters
@@ -52,7 +52,7 @@ class ReferencePipeline:
         repository = Path(model_repository)
         postprocess = string_parameters(load_config(repository / "postprocess"))
         self.params = DetectionParams.from_config(postprocess)
-        self.labels = tuple(postprocess["labels"].split(","))
+        self.labels = config_labels(postprocess["labels"])
         self.priors = load_priors(repository / DETECTOR_PRIORS)
         self.detector = _session(repository / "face_detector" / MODEL_FILE, threads)
         self.classifier = _session(repository / "mask_classifier" / MODEL_FILE, threads)

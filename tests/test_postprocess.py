@@ -5,7 +5,8 @@ import pytest
 
 from ensemble.layouts import CLASSIFIER_INPUT
 from ensemble.errors import InvalidRequest
-from ensemble.postprocess import DetectionParams, detect_faces, label_faces, override_limits, padded_outputs
+from ensemble.postprocess import (DetectionParams, config_labels, detect_faces, label_faces, override_limits,
+                                  padded_outputs)
 from ensemble.preprocess import classifier_batch, classifier_batches, crop_boxes
 from ensemble.ssd import Priors, decode_boxes, nms, pairwise_iou
 
@@ -202,3 +203,7 @@ def test_classifier_batches_cut_every_face_in_order_a_batch_at_a_time():
         assert [len(batch) for batch in batches] == [min(size, 6 - start) for start in range(0, 6, size)]
         np.testing.assert_array_equal(np.concatenate(batches), whole)
     assert list(classifier_batches(images[1:2], boxes[1:2], 16)) == []
+
+
+def test_the_labels_parameter_reads_the_same_with_or_without_spaces():
+    assert config_labels("mask,no_mask") == config_labels("mask, no_mask") == ("mask", "no_mask")

@@ -8,7 +8,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ensemble.layouts import CLASSIFIER_INPUT, CLASSIFIER_OUTPUT
-from ensemble.postprocess import DetectionParams, detect_faces, label_faces, override_limits, padded_outputs
+from ensemble.postprocess import (DetectionParams, config_labels, detect_faces, label_faces, override_limits,
+                                  padded_outputs)
 from ensemble.preprocess import classifier_batches
 from ensemble.ssd import load_priors, to_host
 from ensemble.triton import pb
@@ -24,7 +25,7 @@ class TritonPythonModel:
         parameters = pb.config_parameters(config)
         self._params = DetectionParams.from_config(parameters)
         self._limits = override_limits(parameters, self._params)
-        self._labels = tuple(label.strip() for label in parameters["labels"].split(","))
+        self._labels = config_labels(parameters["labels"])
         self._classifier = parameters["classifier_model"]
         try:
             self._priors = load_priors(model_dir / parameters["priors_file"])
@@ -105,7 +106,7 @@ class TritonPythonModel:
 def _check_classifier(name: str, config, labels: tuple[str, ...], batch_size: int) -> None:
     """The crops are cut and named as ensemble/layouts.py says, scored once per label, and sent classifier_batch_size
     at a time: the classifier's config.pbtxt must agree (else only requests with faces would fail, at run time)."""
-    if not 1 <= batch_size <= config.max_batch_size:
+    if batch_size > config.max_batch_size:
         raise ValueError(f"classifier_batch_size is {batch_size} but {name}'s max_batch_size is "
                          f"{config.max_batch_size}: each BLS call would be refused")
     declared = [(tensor.name, type_name(tensor), tuple(tensor.dims)) for tensor in config.input]
