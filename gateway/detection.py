@@ -50,12 +50,15 @@ def _elapsed_ms(start: float) -> float:
 
 
 def detect_in_image(data: bytes, params: DetectParams, settings: Settings, detector: Detector, *,
-                    keep_pixels: bool = False) -> ImageResult:
+                    keep_pixels: bool = False, stages: dict[str, float] | None = None) -> ImageResult:
     """Run the whole pipeline on one encoded image; raises typed gateway errors for bad input or Triton trouble.
 
     `keep_pixels`: decode at full size and keep the pixels (to draw on them); otherwise a large JPEG is
     decoded straight to a reduced scale, since only its downscaled copy goes to Triton.
+    `stages`: filled with the milliseconds of each stage that ran ("decode", "triton"), a failed Triton call's
+    included, so the caller can measure a request that ends in an error too.
     """
+    stages = {} if stages is None else stages
     start = time.perf_counter()
     with stage_span("decode", **{"image.bytes": len(data)}) as span:  # sizes only, never the bytes
         decoded = decode_for_inference(data, settings.max_pixels, 0 if keep_pixels else settings.max_side)
@@ -63,11 +66,13 @@ def detect_in_image(data: bytes, params: DetectParams, settings: Settings, detec
         span.set_attributes({"image.width": decoded.width, "image.height": decoded.height,
                              "image.sent_width": int(scaled.pixels.shape[1]),
                              "image.sent_height": int(scaled.pixels.shape[0]), "image.decoder": decoded.decoder})
-    decode_ms = _elapsed_ms(start)
+    decode_ms = stages["decode"] = _elapsed_ms(start)
 
     start = time.perf_counter()
-    found = detector.detect(scaled.pixels, params.triton_parameters())  # the Triton CLIENT span is made inside
-    inference_ms = _elapsed_ms(start)
+    try:
+        found = detector.detect(scaled.pixels, params.triton_parameters())  # the Triton CLIENT span is made inside
+    finally:
+        inference_ms = stages["triton"] = _elapsed_ms(start)
 
     return ImageResult(
         pixels=decoded.pixels if keep_pixels else None, width=decoded.width, height=decoded.height,

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from flask import Flask, current_app, g, jsonify, request
-from werkzeug.exceptions import ClientDisconnected, HTTPException, InternalServerError, RequestEntityTooLarge
+from werkzeug.exceptions import (BadRequest, ClientDisconnected, HTTPException, InternalServerError,
+                                 MethodNotAllowed, NotFound, RequestEntityTooLarge)
 
 from gateway.client_timeout import read_timed_out, stop_reading
 
@@ -144,6 +145,15 @@ def error_kind(error: ApiError | None, status: int) -> str:
     return "client" if 400 <= status < 500 else "internal"
 
 
+# werkzeug's own answers a client can cause anywhere: their codes are part of the API (and of the metrics) too.
+WERKZEUG_CLIENT_ERRORS = (BadRequest, NotFound, MethodNotAllowed)
+
+
+def http_error_code(error: HTTPException) -> str:
+    """The API's code for one of werkzeug's HTTP errors: its name in snake case (`method_not_allowed`)."""
+    return (error.name or "error").lower().replace(" ", "_")
+
+
 def error_document(code: str, message: str, request_id: str | None) -> dict:
     """The JSON body of every error answer, in the app and in front of it."""
     return {"error": {"code": code, "message": message}, "request_id": request_id}
@@ -183,8 +193,10 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException):
-        code = (error.name or "error").lower().replace(" ", "_")
-        return error_response(error.code or 500, code, error.description or error.name)
+        response = error_response(error.code or 500, http_error_code(error), error.description or error.name)
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:  # a 405 must say what is allowed
+            response.headers["Allow"] = ", ".join(error.valid_methods)
+        return response
 
     @app.errorhandler(ClientDisconnected)
     def _body_stopped(error: ClientDisconnected):

@@ -1,4 +1,4 @@
-"""Gateway log records go where gunicorn's go, at the configured level, tagged with the request id."""
+"""Gateway log records go where gunicorn's go, at the configured level, tagged with the request and trace ids."""
 from __future__ import annotations
 
 import logging
@@ -6,16 +6,23 @@ import logging
 from flask import Flask, g, has_request_context
 
 from gateway.settings import Settings
+from gateway.tracing import current_trace_ids
 
 LOGGER_NAME = "gateway"
-FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s request_id=%(request_id)s: %(message)s"
+FORMAT = ("%(asctime)s [%(process)d] [%(levelname)s] %(name)s request_id=%(request_id)s trace_id=%(trace_id)s "
+          "span_id=%(span_id)s: %(message)s")
 
 
 class RequestIdFilter(logging.Filter):
-    """Adds `request_id` to every record ("-" outside a request) so a client's id finds its log lines."""
+    """Adds `request_id`, and the sampled span's `trace_id`/`span_id`, to every record ("-" where there is none).
+
+    A client's id, or a trace found in Jaeger or through an exemplar, then finds its log lines and tracebacks.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = g.get("request_id", "-") if has_request_context() else "-"
+        trace_id, span_id = current_trace_ids()
+        record.trace_id, record.span_id = trace_id or "-", span_id or "-"
         return True
 
 

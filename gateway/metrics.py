@@ -10,7 +10,7 @@ from typing import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from gateway.errors import HTTP_STATUS, ApiError, error_kind
+from gateway.errors import HTTP_STATUS, WERKZEUG_CLIENT_ERRORS, ApiError, error_kind, http_error_code
 from gateway.exemplars import ExemplarStore
 from gateway.triton_client import INLINE_TRANSPORT, SHARED_MEMORY_TRANSPORT
 
@@ -37,8 +37,9 @@ class ServiceMetrics:
                               registry=registry, multiprocess_mode="livesum")
         self.stage_duration = Histogram(
             "gateway_stage_duration_seconds",
-            "Time per stage of a detection request: decode (image), triton (the gRPC round trip), encode (the "
-            "answer) and total (the whole request, the caller's errors excepted); exemplars carry the trace id",
+            "Time per stage of a detection request: decode (image), triton (the gRPC round trip, failed or not), "
+            "encode (the answer) and total (the whole request, the caller's errors excepted); exemplars carry the "
+            "trace id",
             ["stage"], buckets=STAGE_BUCKETS, registry=registry)
         self.faces_per_image = Histogram("gateway_faces_per_image", "Faces found per image", buckets=FACES_BUCKETS,
                                          registry=registry)
@@ -59,6 +60,8 @@ class ServiceMetrics:
             self.detections.labels(label=label)
         for error_class, status in HTTP_STATUS.items():
             self.errors.labels(code=error_class.code, kind=error_kind(error_class("x"), status))
+        for werkzeug_error in WERKZEUG_CLIENT_ERRORS:
+            self.errors.labels(code=http_error_code(werkzeug_error()), kind="client")
         self.errors.labels(code=ApiError.code, kind="internal")
 
     def observe_stage(self, stage: str, seconds: float, trace_id: str | None) -> None:

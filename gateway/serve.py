@@ -14,7 +14,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Sequence
 
-from gateway.settings import ENV_PREFIX, Settings, env_name
+from gateway.settings import ENV_PREFIX, Settings, env_name, triton_metrics_url_for
 
 GUNICORN_CONF = Path(__file__).with_name("gunicorn.conf.py")
 START_TIMEOUT_S = 60.0
@@ -131,12 +131,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     gunicorn = None
     try:
         if args.triton_url:
-            triton_url, triton_metrics_url = args.triton_url, defaults.triton_metrics_url
+            triton_url, triton_metrics_url = args.triton_url, triton_metrics_url_for(args.triton_url)
         else:
             print("starting tritonserver (CPU) ...", flush=True)
             triton = _start_triton(args, defaults)
             triton_url, triton_metrics_url = triton.grpc_url, triton.metrics_url
             print(f"tritonserver ready in {triton.startup_s:.1f} s (log: {triton.log_path})", flush=True)
+        if "triton_metrics_url" in Settings.set_in():  # the caller's choice ("off", or a proxy) stands
+            triton_metrics_url = defaults.triton_metrics_url
         port = args.port or free_port(args.host)
         settings = replace(defaults, host=args.host, port=port, workers=args.workers, threads=args.threads,
                            triton_url=triton_url, triton_metrics_url=triton_metrics_url)

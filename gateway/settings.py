@@ -9,6 +9,13 @@ ENV_PREFIX = "GATEWAY_"
 OFF = "off"  # turns an optional output off (an empty variable means "the default", like an unset one)
 SHARED_MEMORY_SYSTEM = "system"  # images reach Triton through system shared memory where it can map it
 SHARED_MEMORY_CHOICES = (SHARED_MEMORY_SYSTEM, OFF)
+TRITON_METRICS_PORT = 8002  # tritonserver's default --metrics-port
+
+
+def triton_metrics_url_for(triton_url: str) -> str:
+    """Where a Triton serving gRPC at `triton_url` (host:port) publishes its metrics by default."""
+    host = triton_url.rpartition(":")[0] or triton_url
+    return f"http://{host}:{TRITON_METRICS_PORT}/metrics"
 
 
 @dataclass(frozen=True)
@@ -60,7 +67,8 @@ class Settings:
 
     # --- observability: metrics and logs ---
     prometheus_multiproc_dir: str = ""  # PROMETHEUS_MULTIPROC_DIR; set by gunicorn.conf.py when empty
-    triton_metrics_url: str = "http://127.0.0.1:8002/metrics"  # merged into /metrics; "off" turns the merge off
+    triton_metrics_url: str = triton_metrics_url_for(triton_url)  # merged into /metrics; "off" turns the merge
+    #                           off; unset, it follows GATEWAY_TRITON_URL's host (port 8002)
     triton_metrics_timeout_s: float = 1.0  # a slow Triton costs a scrape at most this much
     access_log: str = "-"  # one JSON line per request: "-" stdout, a path appends to that file, "off" none
     log_level: str = "info"  # gunicorn and gateway log level
@@ -74,6 +82,8 @@ class Settings:
             raw = environ.get(env_name(field.name))
             if raw is not None and raw != "":
                 values[field.name] = _coerce(field.name, field.type, raw)
+        if "triton_url" in values and "triton_metrics_url" not in values:
+            values["triton_metrics_url"] = triton_metrics_url_for(values["triton_url"])
         return replace(cls(**values), **overrides)
 
     @classmethod

@@ -116,6 +116,10 @@ class TritonDetector:
                 set_rpc_status(span, _status_name(error))
                 log.warning("triton infer failed: status=%s detail=%s", error.status(), error.message())
                 raise translate_error(error, self.settings) from None
+            except Exception as error:  # failed before any gRPC status (a shared-memory error, say): a 500
+                set_rpc_status(span, "")
+                span.record_exception(error)
+                raise
             set_rpc_status(span, "OK")
         count = int(result.as_numpy("NUM_DETECTIONS").reshape(-1)[0])
         labels = result.as_numpy("LABELS").reshape(-1)[:count]

@@ -1,6 +1,7 @@
 """The benchmarks run and write well-formed results (speed is never asserted)."""
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
@@ -61,10 +62,20 @@ def test_concurrency_ranges(text, levels):
     assert bench_triton.parse_concurrency(text) == levels
 
 
-@pytest.mark.parametrize("text", ["0:2", "a:b", ""])
-def test_bad_concurrency_ranges(text):
-    with pytest.raises(Exception):
+@pytest.mark.parametrize("text, why", [("0:2", "levels must be >= 1"), ("a:b", "use start:end"),
+                                       ("", "use start:end"), ("3:1", "levels must be >= 1")])
+def test_bad_concurrency_ranges(text, why):
+    """argparse shows the ArgumentTypeError's message as the usage error, so it must say what is wrong."""
+    with pytest.raises(argparse.ArgumentTypeError, match=f"bad concurrency {text!r}: {why}"):
         bench_triton.parse_concurrency(text)
+
+
+def test_bad_concurrency_is_a_usage_error_naming_the_option(capsys):
+    """A typo in --concurrency stops the run before it starts, with argparse's usage error saying why."""
+    with pytest.raises(SystemExit) as exit_info:
+        bench_main.parse_args(["--concurrency", "0:2"])
+    assert exit_info.value.code == 2
+    assert "argument --concurrency: bad concurrency '0:2': levels must be >= 1" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

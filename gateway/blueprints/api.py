@@ -71,6 +71,11 @@ def _read_unsized_body(max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+def _missing(field: str) -> MissingImage:
+    """No such file field; werkzeug's form parser reads a malformed multipart body as one without fields."""
+    return MissingImage(f"the multipart body has no file field '{field}' (or is not well-formed multipart/form-data)")
+
+
 def _single_upload() -> bytes:
     """The one image of /v1/detect: the raw body, or the multipart field `image`."""
     max_bytes = settings().max_body_bytes
@@ -78,7 +83,7 @@ def _single_upload() -> bytes:
         request.max_content_length = max_bytes + MULTIPART_OVERHEAD_BYTES
         parts = request.files.getlist(SINGLE_FIELD)
         if not parts:
-            raise MissingImage(f"the multipart body has no file field '{SINGLE_FIELD}'")
+            raise _missing(SINGLE_FIELD)
         if len(parts) > 1:
             raise TooManyImages(f"{len(parts)} file fields '{SINGLE_FIELD}' sent; /v1/detect takes one image "
                                 f"(several go to /v1/detect/batch as '{BATCH_FIELD}')")
@@ -104,13 +109,20 @@ def _model_json(version: str | None) -> dict:
     return {"name": settings().model_name, "version": version}
 
 
-def _record(result: ImageResult) -> None:
-    """One processed image into Server-Timing, the metrics (with the trace id as exemplar) and the access log."""
+# Stages of detect_in_image -> their names in Server-Timing
+SERVER_TIMING_NAMES = {"decode": "decode", "triton": "inference"}
+
+
+def _record_stages(stages: dict[str, float]) -> None:
+    """The stages one image went through (a failed Triton call's too) into Server-Timing and the metrics."""
     timings = current_timings()
-    timings.add("decode", result.decode_ms)
-    timings.add("inference", result.inference_ms)
-    _observe_stage_after_answer("decode", result.decode_ms / 1000.0)
-    _observe_stage_after_answer("triton", result.inference_ms / 1000.0)
+    for stage, milliseconds in stages.items():
+        timings.add(SERVER_TIMING_NAMES[stage], milliseconds)
+        _observe_stage_after_answer(stage, milliseconds / 1000.0)
+
+
+def _record(result: ImageResult) -> None:
+    """One processed image into the metrics and the access log (its stages go through _record_stages)."""
     # only what the metrics need: the result may hold a full-size frame, not to be kept while the answer is sent
     metrics, size, labels = service_metrics(), (result.width, result.height), result.labels
     label_scores, transport = result.label_scores, result.transport
@@ -156,7 +168,11 @@ def detect():
     data = _single_upload()
     params = parse_detect_params(request.args)
     wants_jpeg = _wants_jpeg()
-    result = detect_in_image(data, params, settings(), detector(), keep_pixels=wants_jpeg)
+    stages = {}
+    try:
+        result = detect_in_image(data, params, settings(), detector(), keep_pixels=wants_jpeg, stages=stages)
+    finally:
+        _record_stages(stages)
     _record(result)
     g.image_width, g.image_height = result.width, result.height
     set_server_span_attributes(**{"image.width": result.width, "image.height": result.height})
@@ -178,8 +194,11 @@ def detect():
     return response
 
 
-def _batch_entry(index: int, part: FileStorage, params: DetectParams):
-    """Read one image of a batch and return the work to run it: image errors become that image's entry."""
+def _batch_entry(index: int, part: FileStorage, params: DetectParams, stages: dict[str, float]):
+    """Read one image of a batch and return the work to run it: image errors become that image's entry.
+
+    The work fills `stages` (detect_in_image's) in a pool thread; the request's thread records them.
+    """
     config, triton = settings(), detector()
     entry = {"index": index, "filename": part.filename or None}
     try:
@@ -190,7 +209,7 @@ def _batch_entry(index: int, part: FileStorage, params: DetectParams):
 
     def run():
         try:
-            result = detect_in_image(data, params, config, triton)
+            result = detect_in_image(data, params, config, triton, stages=stages)
         except ImageError as error:
             return {**entry, "error": error_entry(error)}, None
         return {**entry, "image": {"width": result.width, "height": result.height},
@@ -213,13 +232,18 @@ def detect_batch():
     params = parse_detect_params(request.args)
     parts = request.files.getlist(BATCH_FIELD)
     if not parts:
-        raise MissingImage(f"the multipart body has no file field '{BATCH_FIELD}'")
+        raise _missing(BATCH_FIELD)
     if len(parts) > config.max_batch_images:
         raise TooManyImages(f"{len(parts)} images sent; at most {config.max_batch_images} per batch")
-    jobs = [_batch_entry(index, part, params) for index, part in enumerate(parts)]
+    stages = [{} for _ in parts]
+    jobs = [_batch_entry(index, part, params, stages[index]) for index, part in enumerate(parts)]
     # Images go to Triton concurrently so its dynamic batcher can group them; Triton-wide failures propagate.
-    with ThreadPoolExecutor(max_workers=min(len(jobs), config.batch_concurrency)) as pool:
-        outcomes = list(pool.map(lambda job: job(), jobs))
+    try:
+        with ThreadPoolExecutor(max_workers=min(len(jobs), config.batch_concurrency)) as pool:
+            outcomes = list(pool.map(lambda job: job(), jobs))
+    finally:  # the pool has finished every image here, also when one failed for the whole batch
+        for image_stages in stages:
+            _record_stages(image_stages)
     results = [result for _, result in outcomes if result is not None]
     for result in results:
         _record(result)

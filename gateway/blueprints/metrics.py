@@ -81,7 +81,12 @@ def register_metrics(app: Flask, settings: Settings) -> None:
 
 def service_metrics() -> ServiceMetrics:
     """The running app's service metrics (gateway/metrics.py)."""
-    return current_app.extensions[EXTENSION_KEY].service
+    return app_service_metrics(current_app)
+
+
+def app_service_metrics(app: Flask) -> ServiceMetrics:
+    """`app`'s service metrics, for code in front of the app that runs outside its context."""
+    return app.extensions[EXTENSION_KEY].service
 
 
 class _Families:

@@ -169,6 +169,40 @@ def test_batch_keeps_order_and_isolates_bad_images(client, hopper_jpeg, referenc
     assert results[3]["image"] == {"width": 30, "height": 40} and results[3]["detections"] == []
 
 
+@live
+def test_a_batch_over_its_byte_limit_is_refused_whole(gateway_stack, hopper_jpeg):
+    """GATEWAY_MAX_BATCH_BYTES bounds the whole request: 413 for two images where one fits."""
+    limit = len(hopper_jpeg) * 3 // 2
+    triton = gateway_stack.triton
+    client = app_client(triton.grpc_url, max_batch_bytes=limit, triton_metrics_url=triton.metrics_url)
+    response = client.post("/v1/detect/batch", content_type="multipart/form-data",
+                           data={"images": [(io.BytesIO(hopper_jpeg), f"{i}.jpg", "image/jpeg") for i in range(2)]})
+    assert response.status_code == 413, response.get_data(as_text=True)
+    error = response.get_json()["error"]
+    assert error["code"] == "payload_too_large" and str(limit) in error["message"]
+    one = client.post("/v1/detect/batch", content_type="multipart/form-data",
+                      data={"images": [(io.BytesIO(hopper_jpeg), "0.jpg", "image/jpeg")]})
+    assert one.status_code == 200 and one.get_json()["results"][0]["detections"]
+
+
+@live
+def test_an_image_over_the_body_limit_fails_alone_in_a_batch(gateway_stack, hopper_jpeg, reference_pipeline):
+    """GATEWAY_MAX_BODY_BYTES holds for each image of a batch: the one over it fails, the others are answered."""
+    hopper = decoded(hopper_jpeg)
+    too_large = encode(hopper, ".png")  # the same picture, losslessly and so much larger
+    assert len(too_large) > len(hopper_jpeg)
+    triton = gateway_stack.triton
+    client = app_client(triton.grpc_url, max_body_bytes=len(hopper_jpeg), triton_metrics_url=triton.metrics_url)
+    response = client.post("/v1/detect/batch", content_type="multipart/form-data", data={"images": [
+        (io.BytesIO(too_large), "large.png", "image/png"), (io.BytesIO(hopper_jpeg), "fits.jpg", "image/jpeg")]})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    large, fits = response.get_json()["results"]
+    assert large["filename"] == "large.png" and set(large) == {"index", "filename", "error"}
+    assert large["error"]["code"] == "payload_too_large" and str(len(hopper_jpeg)) in large["error"]["message"]
+    assert fits["filename"] == "fits.jpg"  # exactly at the limit: still accepted
+    assert_matches_reference(fits, reference_pipeline.detect(hopper), hopper.shape)
+
+
 def test_batch_fails_whole_when_triton_is_down(hopper_jpeg):
     url = down_url()
     client = app_client(url, retry_after_s=7)

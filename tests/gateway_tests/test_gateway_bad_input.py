@@ -156,6 +156,11 @@ def test_bad_parameters(gateway_url, http, hopper_jpeg, params, status, code, na
 
 def test_batch_with_no_images_and_wrong_type(gateway_url, http, hopper_jpeg):
     assert_error(http.post(gateway_url + "/v1/detect/batch", files={"other": ("a", b"x")}), 400, "missing_image")
+    malformed = b"--x\r\nContent-Type: image/jpeg\r\n\r\n" + hopper_jpeg  # no Content-Disposition, no closing
+    for path in ("/v1/detect", "/v1/detect/batch"):
+        response = http.post(gateway_url + path, data=malformed,
+                             headers={"Content-Type": "multipart/form-data; boundary=x"})
+        assert_error(response, 400, "missing_image", mentions="well-formed multipart")
     assert_error(http.post(gateway_url + "/v1/detect/batch", data=hopper_jpeg,
                            headers={"Content-Type": "image/jpeg"}), 415, "unsupported_media_type")
 
@@ -183,6 +188,8 @@ def test_error_before_the_body_is_read_keeps_the_connection(gateway_url, hopper_
         refused_body = refused.read()
         assert refused.status == status, refused_body
         assert json.loads(refused_body)["error"]["code"]
+        if status == 405:  # HTTP requires a 405 to name the methods the resource has
+            assert set(refused.getheader("Allow", "").split(", ")) >= {"POST", "OPTIONS"}
         connection.request("POST", "/v1/detect", body=hopper_jpeg, headers={"Content-Type": "image/jpeg"})
         answered = connection.getresponse()
         assert answered.status == 200 and len(json.loads(answered.read())["detections"]) == 1

@@ -1,9 +1,12 @@
 """The live gateway (gunicorn + tritonserver) answers as documented and as the in-process reference does."""
+from dataclasses import replace
+
 import cv2
 import numpy as np
 import pytest
 from openapi_spec_validator import validate as validate_spec
 
+from gateway.annotate import JPEG_QUALITY
 from gateway.openapi import openapi_document
 from gateway_helpers import (assert_matches_reference, documented_examples, encode, jpeg_with_orientation, json_shape,
                              matched_iou, schema_validator)
@@ -49,12 +52,19 @@ def test_multipart_matches_reference_pipeline(gateway_url, http, uploads, refere
     assert_matches_reference(response.json(), reference_pipeline.detect(pixels), pixels.shape)
 
 
-def test_thresholds_reach_triton(gateway_url, http, uploads):
-    data, content_type, _ = uploads["grace_hopper"]
+def test_thresholds_reach_triton(gateway_url, http, uploads, reference_pipeline):
+    """confidence and max_faces must reach Triton's postprocess: the answer is the reference's with the same values."""
+    data, content_type, pixels = uploads["grace_hopper"]
     strict = post_image(http, gateway_url, data, content_type, params={"confidence": "1"}).json()
     assert strict["detections"] == []
-    loose = post_image(http, gateway_url, data, content_type, params={"confidence": "0.05", "max_faces": "3"})
-    assert 1 <= len(loose.json()["detections"]) <= 3
+    loose = post_image(http, gateway_url, data, content_type, params={"confidence": "0.05", "max_faces": "2"})
+    assert loose.status_code == 200, loose.text
+    params = reference_pipeline.params
+    expected = reference_pipeline.detect(pixels, replace(params, confidence=0.05, max_faces=2))
+    assert len(reference_pipeline.detect(pixels)) < 2  # the default confidence would keep fewer faces ...
+    assert len(reference_pipeline.detect(pixels, replace(params, confidence=0.05))) > 2  # ... max_faces alone, more
+    assert len(loose.json()["detections"]) == len(expected) == 2
+    assert_matches_reference(loose.json(), expected, pixels.shape)
 
 
 def test_batch_matches_reference_in_request_order(gateway_url, http, uploads, reference_pipeline):
@@ -71,15 +81,46 @@ def test_batch_matches_reference_in_request_order(gateway_url, http, uploads, re
         assert_matches_reference(result, reference_pipeline.detect(pixels), pixels.shape)
 
 
+def box_edges(box, image_shape, points=10):
+    """(y, x) points on each of a box's four edges (its corners and the image border left out), by edge name."""
+    x1, y1, x2, y2 = (round(v) for v in box)
+    xs, ys = np.linspace(x1, x2, points + 2)[1:-1].round().astype(int), np.linspace(y1, y2, points + 2)[1:-1]
+    ys = ys.round().astype(int)
+    edges = {"top": [(y1, x) for x in xs], "bottom": [(y2, x) for x in xs],
+             "left": [(y, x1) for y in ys], "right": [(y, x2) for y in ys]}
+    height, width = image_shape[:2]
+    return {name: points for name, points in edges.items()
+            if all(0 <= y < height and 0 <= x < width for y, x in points)}
+
+
 def test_annotated_jpeg_has_the_original_size(gateway_url, http, uploads, artifacts_dir):
+    """Accept: image/jpeg draws each JSON detection's box, in its label's colour, and changes nothing else."""
     data, content_type, pixels = uploads["grace_hopper"]
+    detections = post_image(http, gateway_url, data, content_type).json()["detections"]
+    assert detections
     response = post_image(http, gateway_url, data, content_type, headers={"Accept": "image/jpeg"})
     assert response.status_code == 200 and response.headers["Content-Type"] == "image/jpeg"
-    annotated = cv2.imdecode(np.frombuffer(response.content, np.uint8), cv2.IMREAD_COLOR)
-    assert annotated.shape == pixels.shape
-    assert np.abs(annotated.astype(int) - pixels.astype(int)).mean() > 0.5  # something was drawn
     (artifacts_dir / "gateway").mkdir(exist_ok=True)
     (artifacts_dir / "gateway" / "annotated_grace_hopper.jpg").write_bytes(response.content)
+    annotated = cv2.imdecode(np.frombuffer(response.content, np.uint8), cv2.IMREAD_COLOR)
+    assert annotated.shape == pixels.shape
+    for detection in detections:  # docs/gateway.md: green for mask, red for no mask
+        channel = {"mask": 1, "no_mask": 2}[detection["label"]]  # BGR
+        edges = box_edges(detection["box"], pixels.shape)
+        assert len(edges) == 4  # hopper's face is well inside the picture
+        for name, points in edges.items():
+            colour = np.median([annotated[y, x] for y, x in points], axis=0)
+            others = np.delete(colour, channel)
+            assert colour[channel] > 150 and colour[channel] - others.max() > 80, (detection["label"], name, colour)
+    # Against the same pixels re-encoded without boxes, the pictures differ only around the boxes (their JPEG
+    # blocks, and the caption above), not inside them nor anywhere else.
+    _, plain = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    changed = np.abs(annotated.astype(int) - cv2.imdecode(plain, cv2.IMREAD_COLOR)).max(axis=2) > 8
+    near_a_box, deep_inside = np.zeros_like(changed), np.zeros_like(changed)
+    for x1, y1, x2, y2 in ((round(v) for v in d["box"]) for d in detections):
+        near_a_box[max(0, y1 - 48):y2 + 16, max(0, x1 - 16):x2 + 16] = True
+        deep_inside[y1 + 16:y2 - 16, x1 + 16:x2 - 16] = True
+    assert changed.sum() > 0 and not changed[~near_a_box].any() and not changed[deep_inside].any()
 
 
 def test_exif_orientation_gives_boxes_in_displayed_coordinates(gateway_url, http, uploads, reference_pipeline):

@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 from gateway_helpers import GatewayStack, Gunicorn, free_port
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.config_variant import make_variant
 
@@ -129,6 +130,7 @@ def test_a_full_triton_queue_is_429_with_retry_after(tmp_path, hopper_jpeg):
     variant = make_variant(tmp_path / "repository", merges=[
         "face_detector:dynamic_batching { default_queue_policy { max_queue_size: 1 } }"])
     with GatewayStack(variant, tmp_path, workers=2).running() as stack:
+        before = _measured(stack.url)
         with ThreadPoolExecutor(max_workers=16) as pool:
             answers = list(pool.map(lambda _: detect(stack.url, hopper_jpeg), range(32)))
         statuses = {answer.status_code for answer in answers}
@@ -138,3 +140,24 @@ def test_a_full_triton_queue_is_429_with_retry_after(tmp_path, hopper_jpeg):
         assert all(answer.json()["error"]["code"] == "triton_overloaded" for answer in refused)
         assert all(int(answer.headers["Retry-After"]) > 0 for answer in refused)
         assert detect(stack.url, hopper_jpeg).status_code == 200
+        # Triton's refusals are the service's failures: they count in the latency SLO's `total`, and every call
+        # Triton answered, refused or not, in `triton`. The metrics are written just after each answer.
+        expected = {"total": 33, "triton": 33, "triton_overloaded": len(refused)}
+        deadline = time.monotonic() + 30
+        while (counted := _measured(stack.url, before)) != expected and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert counted == expected
+
+
+def _measured(url: str, since: dict | None = None) -> dict:
+    """Counts of the `total` and `triton` stages and of `triton_overloaded` errors, less those of `since`."""
+    text = requests.get(url + "/metrics", timeout=10).text
+    counts = {"total": 0.0, "triton": 0.0, "triton_overloaded": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "gateway_stage_duration_seconds_count" and sample.labels["stage"] in counts:
+                counts[sample.labels["stage"]] += sample.value
+            elif sample.name == "gateway_errors_total" and sample.labels["code"] == "triton_overloaded":
+                assert sample.labels["kind"] == "upstream"
+                counts["triton_overloaded"] += sample.value
+    return {key: round(value - (since or {}).get(key, 0)) for key, value in counts.items()}

@@ -71,14 +71,19 @@ def serving(port: int, *flags: str, env: dict | None = None):
 
 
 def test_serve_starts_both_and_ctrl_c_stops_both(model_repository):
+    """Also: a GATEWAY_TRITON_METRICS_URL the caller set stands against the started Triton's own URL."""
     port = free_port()
+    environment = dict(os.environ, GATEWAY_TRITON_METRICS_URL="off")
     with serving(port, "--triton-grpc-port", "0", "--triton-http-port", "0", "--triton-metrics-port", "0",
-                 "--model-repository", str(model_repository)) as served:
+                 "--model-repository", str(model_repository), env=environment) as served:
         process, banner = served.process, served.banner
         assert f"web page  http://127.0.0.1:{port}/" in banner, banner
         assert f"metrics   http://127.0.0.1:{port}/metrics" in banner
         triton_grpc = re.search(r"triton    grpc (\S+)", banner).group(1)
         assert requests.get(f"http://127.0.0.1:{port}/readyz", timeout=10).json()["triton"] == triton_grpc
+        merged = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        assert "gateway_inflight_requests" in merged and "nv_inference_count" not in merged
+        assert "gateway_triton_metrics_up" not in merged
 
         process.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
         rest = served.rest(timeout_s=90)

@@ -10,6 +10,7 @@ import glob
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -301,8 +302,17 @@ def test_a_gateway_triton_cannot_map_leaves_other_gateways_regions_alone(triton_
 # ---------------------------------------------------------------------------------------------------------
 # live: gunicorn's hooks
 @live
+def _in_flight(url: str) -> float:
+    text = requests.get(url + "/metrics", timeout=10).text
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("gateway_inflight_requests "))
+
+
 def test_a_killed_workers_regions_are_freed_and_unregistered(gateway_stack, hopper_jpeg):
-    """SIGKILL skips worker_exit: the master frees the memory, the next worker unregisters it from Triton."""
+    """SIGKILL skips worker_exit: the master frees the memory, the next worker unregisters it from Triton.
+
+    The master also drops the dead worker's in-flight count (its live gauge file), else a request it was serving
+    would show as in flight for ever.
+    """
     triton_url = gateway_stack.triton.grpc_url
     env = gateway_stack.environment(free_port(), {"GATEWAY_WORKERS": "1"})
     gunicorn = Gunicorn(env, gateway_stack.log_dir / "shared-memory.log").start()
@@ -321,6 +331,13 @@ def test_a_killed_workers_regions_are_freed_and_unregistered(gateway_stack, hopp
         dead_files = region_files(dead_prefix)
         dead_regions = set(registered(triton_url, dead_prefix))
         assert dead_files and dead_regions
+        stalled = socket.create_connection(("127.0.0.1", gunicorn.port))  # in flight until the worker dies
+        stalled.sendall(b"POST /v1/detect HTTP/1.1\r\nHost: gateway\r\nContent-Type: image/jpeg\r\n"
+                        b"Content-Length: 100000\r\n\r\n\xff\xd8\xff\xe0")
+        deadline = time.monotonic() + 30
+        while _in_flight(gunicorn.url) != 1.0:
+            assert time.monotonic() < deadline, "the stalled upload never counted as in flight"
+            time.sleep(0.1)
 
         # Its resource tracker (multiprocessing's, a child of the worker) would unlink the memory too: kill it
         # first, as an OOM kill of the whole cgroup would, so only the master's child_exit can free it.
@@ -337,6 +354,8 @@ def test_a_killed_workers_regions_are_freed_and_unregistered(gateway_stack, hopp
             time.sleep(0.1)
         (new_worker,) = respawned
         worker_pids.append(new_worker)
+        stalled.close()
+        assert _in_flight(gunicorn.url) == 0.0
         assert set(registered(triton_url, dead_prefix)) == dead_regions  # Triton still maps the freed memory
 
         assert post().status_code == 200  # the new worker's first registration sweeps the orphans

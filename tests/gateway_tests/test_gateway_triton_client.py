@@ -1,9 +1,14 @@
 """Triton failures map to the documented statuses, and trace context reaches Triton only when sampled."""
 import math
 
+import numpy as np
 import pytest
+from flask import Flask
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
+from opentelemetry.trace import StatusCode
 from tritonclient.utils import InferenceServerException
 from werkzeug.datastructures import MultiDict
 
@@ -12,8 +17,8 @@ from gateway.errors import (InferenceRejected, InvalidParameter, ModelNotReady, 
 from gateway.params import parse_detect_params
 from gateway.request_id import request_id_from
 from gateway.settings import Settings
-from gateway.tracing import triton_trace_headers
-from gateway.triton_client import translate_error
+from gateway.tracing import PROVIDER_KEY, triton_trace_headers
+from gateway.triton_client import TritonDetector, translate_error
 
 
 @pytest.mark.parametrize("status, message, expected, http_status", [
@@ -60,6 +65,30 @@ def test_sampled_out_spans_send_no_trace_context():
     headers, _ = _headers_inside_span(ALWAYS_OFF)
     assert headers is None
     assert triton_trace_headers() is None  # and none outside any span
+
+
+def test_a_failure_before_any_grpc_status_marks_the_triton_span_failed():
+    """The fake: the pixels cannot be written (a full /dev/shm, say), a fault not safely caused on a shared host."""
+    spans = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_ON)
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    app = Flask(__name__)
+    app.extensions[PROVIDER_KEY] = provider
+    detector = TritonDetector(Settings(triton_url="127.0.0.1:1", triton_shared_memory="off"))
+
+    def fail(*_):
+        raise OSError(28, "No space left on device")
+
+    detector._send = fail
+    try:
+        with app.app_context(), pytest.raises(OSError):
+            detector.detect(np.zeros((8, 8, 3), np.uint8))
+    finally:
+        detector.close()
+    (span,) = spans.get_finished_spans()
+    assert span.name.endswith("/ModelInfer") and span.status.status_code is StatusCode.ERROR
+    assert span.attributes["error.type"] == "client_error"
+    assert [event.name for event in span.events] == ["exception"]
 
 
 @pytest.mark.parametrize("query, error", [

@@ -106,7 +106,7 @@ def test_every_panel_expression_returns_data_except_gpu_only_panels(prometheus, 
 
 def test_rules_and_alert_state_after_the_load(prometheus, loaded):
     """The recorded series exist with sane values; no alert fires for a healthy stack under a short load."""
-    ratio = prometheus.query('job:gateway_http_5xx_ratio:rate5m{job="gateway"}')["result"]
+    ratio = prometheus.query('job:gateway_detection_5xx_ratio:rate5m{job="gateway"}')["result"]
     assert ratio and float(ratio[0]["value"][1]) == 0.0
     p95 = prometheus.query('job:gateway_request_duration_seconds:p95_5m{job="gateway"}')["result"]
     assert p95 and 0 < float(p95[0]["value"][1]) < 30

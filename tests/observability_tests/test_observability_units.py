@@ -71,15 +71,22 @@ def test_a_family_the_gateway_already_has_is_dropped():
 
 
 def test_fetch_fails_fast_when_refused_and_within_the_timeout_when_hung():
+    """A down Triton must not cost a scrape the whole timeout; a hung one must cost it no more than about that."""
+    refused_timeout_s = 20.0
     started = time.monotonic()
-    refused = triton_metrics.fetch(f"http://127.0.0.1:{free_port()}/metrics", 2.0)
-    assert not refused.ok and "refused" in refused.error.lower() and time.monotonic() - started < 1.5
-    with socket.socket() as hung:
+    refused = triton_metrics.fetch(f"http://127.0.0.1:{free_port()}/metrics", refused_timeout_s)
+    assert not refused.ok and "refused" in refused.error.lower()
+    assert time.monotonic() - started < refused_timeout_s / 2  # it did not wait for the timeout
+    hung_timeout_s = 0.5
+    with socket.socket() as hung:  # accepts connections (the backlog) but never answers
         hung.bind(("127.0.0.1", 0))
         hung.listen(4)
         started = time.monotonic()
-        result = triton_metrics.fetch(f"http://127.0.0.1:{hung.getsockname()[1]}/metrics", 0.3)
-        assert not result.ok and 0.25 < time.monotonic() - started < 2
+        result = triton_metrics.fetch(f"http://127.0.0.1:{hung.getsockname()[1]}/metrics", hung_timeout_s)
+        elapsed = time.monotonic() - started
+    assert not result.ok and "timed out" in result.error.lower()
+    assert elapsed >= hung_timeout_s * 0.9  # it waited for the answer until the timeout ...
+    assert elapsed < 30  # ... and gave up (a hang guard, not a speed limit)
 
 
 # --------------------------------------------------------------------------- exemplars
@@ -243,6 +250,10 @@ def test_an_invented_method_is_refused_before_it_can_become_a_metric_label():
     text = client.get("/metrics").get_data(as_text=True)
     assert 'method="PUT",status="405"' in text  # a method HTTP defines is still measured, and Flask's 405
     assert "QWERTY" not in text and "ZXCVBN" not in text
+    assert 'gateway_errors_total{code="method_not_implemented",kind="client"} 2.0' in text  # in one fixed series
+    # werkzeug's own client errors exist from the start, so a panel on them reads 0, not "no data"
+    assert 'gateway_errors_total{code="not_found",kind="client"} 0.0' in text
+    assert 'gateway_errors_total{code="bad_request",kind="client"} 0.0' in text
 
 
 def test_unhandled_exceptions_are_counted_and_answered_as_internal_error():
@@ -258,16 +269,13 @@ def test_unhandled_exceptions_are_counted_and_answered_as_internal_error():
     assert "gateway_triton_metrics_up" not in text  # the merge is off
 
 
-def test_the_latency_slo_counts_triton_turning_requests_away_but_not_the_callers_mistakes():
-    """stage="total" feeds the latency SLO: Triton's 429 (overloaded) is the service's failure and counts, as the
-    internal error does; the caller's 4xx do not. The fake stands in for a Triton whose queue is full, which the
-    session's Triton cannot be made to be on demand."""
-    from gateway.errors import TritonOverloaded
-
+def test_the_latency_slo_counts_the_services_failures_but_not_the_callers_mistakes():
+    """stage="total" feeds the latency SLO: an internal error is the service's failure and counts; the caller's 4xx
+    do not. The fake raises the KeyError no real Triton call does (Triton's real 429s are counted in
+    test_gateway_outage.py's full-queue test)."""
     image = encode(np.full((50, 50, 3), 9, np.uint8), ".jpg")
     total = 'gateway_stage_duration_seconds_count{stage="total"}'
-    for detector, status, counted in ((FakeDetector(TritonOverloaded("busy")), 429, 1),
-                                      (FakeDetector(KeyError("secret")), 500, 1), (None, 415, 0)):
+    for detector, status, counted in ((FakeDetector(KeyError("secret")), 500, 1), (None, 415, 0)):
         config = {"SETTINGS": Settings(triton_metrics_url="off", access_log="off")}
         client = server_like_client(create_app({**config, "DETECTOR": detector} if detector else config))
         content_type = "image/jpeg" if detector else "text/plain"
