@@ -133,7 +133,7 @@ class Gateway:
         known = {field.name for field in fields(GatewaySettings)}
         overrides = {"workers": workers, "threads": threads, "triton_metrics_url": triton_metrics_url,
                      "triton_shared_memory": shared_memory}
-        self.settings = replace(GatewaySettings.from_env(), host="127.0.0.1", port=free_port(),
+        self.settings = replace(GatewaySettings.from_env(), host="127.0.0.1", port=free_port(), metrics_port=0,
                                 triton_url=triton_url,
                                 **{key: value for key, value in overrides.items() if value is not None and key in known})
         self.url = f"http://127.0.0.1:{self.settings.port}"

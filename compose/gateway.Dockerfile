@@ -14,7 +14,7 @@ RUN pip install ".[gateway]" \
  && useradd --system --no-create-home --shell /usr/sbin/nologin gateway
 USER gateway
 
-EXPOSE 8080
+EXPOSE 8080 9102
 # gateway/gunicorn.conf.py takes bind address, workers and threads from the GATEWAY_* environment and
 # creates the Prometheus multiprocess directory; `gateway:create_app()` runs in each worker after fork.
 CMD ["gunicorn", "-c", "gateway/gunicorn.conf.py", "gateway:create_app()"]

@@ -152,7 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _wait_for_gateway(base, gunicorn, START_TIMEOUT_S)
         print(f"\ngateway ready ({settings.workers} workers x {settings.threads} threads)\n"
               f"  web page  {base}/\n  API       POST {base}/v1/detect   (OpenAPI: {base}/openapi.json)\n"
-              f"  metrics   {base}/metrics\n  health    {base}/healthz  {base}/readyz\n"
+              f"  metrics   {base}/metrics" + (f"  and port {settings.metrics_port} (own process)"
+                                                 if settings.metrics_port else "") +
+              f"\n  health    {base}/healthz  {base}/readyz\n"
               f"  triton    grpc {triton_url}" + (f"  metrics {triton.metrics_url}" if triton else "") +
               "\nCtrl-C stops both.", flush=True)
         while not stop_requested.wait(0.5):

@@ -70,6 +70,7 @@ class Settings:
     triton_metrics_url: str = triton_metrics_url_for(triton_url)  # merged into /metrics; "off" turns the merge
     #                           off; unset, it follows GATEWAY_TRITON_URL's host (port 8002)
     triton_metrics_timeout_s: float = 1.0  # a slow Triton costs a scrape at most this much
+    metrics_port: int = 0  # a second port serving only /metrics, from a process of its own (0: none)
     access_log: str = "-"  # one JSON line per request: "-" stdout, a path appends to that file, "off" none
     log_level: str = "info"  # gunicorn and gateway log level
 

@@ -64,7 +64,9 @@ def listening_ports(name: str, service: dict) -> set[int]:
     if name == "triton":
         return {int(flag(command, port)) for port in ("http-port", "grpc-port", "metrics-port")}
     if name == "gateway":
-        return {int(environment(service)["GATEWAY_PORT"])}
+        settings = environment(service)
+        return {int(settings["GATEWAY_PORT"])} | ({int(settings["GATEWAY_METRICS_PORT"])}
+                                                  if settings.get("GATEWAY_METRICS_PORT") else set())
     if name in ("prometheus", "alertmanager"):
         address = flag(command, "web.listen-address")
         return {int(address.rsplit(":", 1)[1])} if address else IMAGE_DEFAULT_PORTS[name]
@@ -297,8 +299,8 @@ def test_prometheus_scrapes_the_gateway_and_not_triton(services):
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     jobs = {job["job_name"]: [target for static in job.get("static_configs", []) for target in static["targets"]]
             for job in config["scrape_configs"]}
-    gateway_port = int(environment(services["gateway"])["GATEWAY_PORT"])
-    assert jobs["gateway"] == [f"gateway:{gateway_port}"]
+    metrics_port = int(environment(services["gateway"])["GATEWAY_METRICS_PORT"])  # not the API port's threads
+    assert jobs["gateway"] == [f"gateway:{metrics_port}"]
     for job, targets in jobs.items():
         for target in targets:
             host, port, _ = parse_url(target)

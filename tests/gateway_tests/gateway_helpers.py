@@ -33,7 +33,7 @@ START_TIMEOUT_S = 60
 INHERITED_OBSERVABILITY_VARIABLES = ("PROMETHEUS_MULTIPROC_DIR", "OTEL_EXPORTER_OTLP_ENDPOINT",
                                      "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL",
                                      "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG", "OTEL_SERVICE_NAME",
-                                     "GATEWAY_ACCESS_LOG", "GATEWAY_TRITON_METRICS_URL")
+                                     "GATEWAY_ACCESS_LOG", "GATEWAY_TRITON_METRICS_URL", "GATEWAY_METRICS_PORT")
 
 
 class ServerLikeClient(FlaskClient):
@@ -254,6 +254,8 @@ class GatewayStack:
             "GATEWAY_TRITON_RECONNECT_BACKOFF_MS": "500", "GATEWAY_LOG_LEVEL": "info",
         })
         env.update(self.gateway_env)
+        if port not in (None, self.port):  # another gateway beside the stack's own: its metrics port is taken
+            env.pop("GATEWAY_METRICS_PORT", None)
         env.update(overrides or {})
         return env
 

@@ -71,9 +71,10 @@ def serving(port: int, *flags: str, env: dict | None = None):
 
 
 def test_serve_starts_both_and_ctrl_c_stops_both(model_repository):
-    """Also: a GATEWAY_TRITON_METRICS_URL the caller set stands against the started Triton's own URL."""
-    port = free_port()
-    environment = dict(os.environ, GATEWAY_TRITON_METRICS_URL="off")
+    """Also: a GATEWAY_TRITON_METRICS_URL the caller set stands against the started Triton's own URL, and the
+    metrics port's process (GATEWAY_METRICS_PORT) comes and goes with the rest."""
+    port, metrics_port = free_port(), free_port()
+    environment = dict(os.environ, GATEWAY_TRITON_METRICS_URL="off", GATEWAY_METRICS_PORT=str(metrics_port))
     with serving(port, "--triton-grpc-port", "0", "--triton-http-port", "0", "--triton-metrics-port", "0",
                  "--model-repository", str(model_repository), env=environment) as served:
         process, banner = served.process, served.banner
@@ -81,9 +82,11 @@ def test_serve_starts_both_and_ctrl_c_stops_both(model_repository):
         assert f"metrics   http://127.0.0.1:{port}/metrics" in banner
         triton_grpc = re.search(r"triton    grpc (\S+)", banner).group(1)
         assert requests.get(f"http://127.0.0.1:{port}/readyz", timeout=10).json()["triton"] == triton_grpc
-        merged = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        assert "gateway_inflight_requests" in merged and "nv_inference_count" not in merged
-        assert "gateway_triton_metrics_up" not in merged
+        assert f"metrics   http://127.0.0.1:{port}/metrics  and port {metrics_port} (own process)" in banner
+        for url in (f"http://127.0.0.1:{port}/metrics", f"http://127.0.0.1:{metrics_port}/metrics"):
+            merged = requests.get(url, timeout=10).text
+            assert "gateway_inflight_requests" in merged and "nv_inference_count" not in merged
+            assert "gateway_triton_metrics_up" not in merged
 
         process.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
         rest = served.rest(timeout_s=90)
@@ -91,6 +94,8 @@ def test_serve_starts_both_and_ctrl_c_stops_both(model_repository):
         assert "gateway stopped (exit code 0)" in rest and "tritonserver stopped (exit code 0)" in rest
         with pytest.raises(requests.ConnectionError):
             requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
 
 
 def test_serve_uses_the_triton_that_gateway_triton_url_names(gateway_stack):

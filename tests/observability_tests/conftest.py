@@ -1,5 +1,6 @@
 """One observed stack for the session: an OTLP receiver, tritonserver tracing to it (rate=0), and a gunicorn
-gateway (2 workers, multiprocess metrics in a known folder, JSON access log to a file, spans to the receiver).
+gateway (2 workers, multiprocess metrics in a known folder and on a metrics port of their own, JSON access log to
+a file, spans to the receiver).
 
 The servers are started by the gateway tests' helpers (tests/gateway_tests/gateway_helpers.py).
 """
@@ -13,7 +14,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gateway_tests"))
 
-from gateway_helpers import GatewayStack  # noqa: E402
+from gateway_helpers import GatewayStack, free_port  # noqa: E402
 from observed import BSP_DELAY_MS, GATEWAY_SERVICE  # noqa: E402
 from otlp_receiver import OtlpReceiver  # noqa: E402
 
@@ -40,6 +41,7 @@ def observed_stack(model_repository, observed_dir, otlp_receiver):
     multiproc_dir.mkdir(exist_ok=True)
     access_log = observed_dir / "access.log"
     access_log.write_text("")
+    metrics_port = free_port()  # Prometheus scrapes this port, as in compose/
     stack = GatewayStack(
         model_repository, observed_dir, workers=2,
         triton_trace=TraceSettings(otlp_receiver.triton_url, rate=0, bsp_schedule_delay_ms=BSP_DELAY_MS),
@@ -52,7 +54,9 @@ def observed_stack(model_repository, observed_dir, otlp_receiver):
             "OTEL_BSP_SCHEDULE_DELAY": str(BSP_DELAY_MS),
             "PROMETHEUS_MULTIPROC_DIR": str(multiproc_dir),
             "GATEWAY_ACCESS_LOG": str(access_log),
+            "GATEWAY_METRICS_PORT": str(metrics_port),
         })
+    stack.metrics_port = metrics_port
     stack.access_log = access_log
     stack.multiproc_dir = multiproc_dir
     with stack.running():

@@ -30,7 +30,7 @@ def prometheus(observed_stack):
     if promserver.prometheus_binary() is None:
         pytest.fail("the `prometheus` binary is required (Debian package `prometheus`, see the Makefile)")
     rules = sorted(dashboards.RULES_DIR.glob("*.yml"))
-    with promserver.PrometheusServer(scrape_targets={"gateway": f"127.0.0.1:{observed_stack.port}"},
+    with promserver.PrometheusServer(scrape_targets={"gateway": f"127.0.0.1:{observed_stack.metrics_port}"},
                                      rule_files=rules, scrape_interval=SCRAPE_INTERVAL,
                                      evaluation_interval=SCRAPE_INTERVAL,
                                      extra_args=["--enable-feature=exemplar-storage"]) as server:
