@@ -4,10 +4,7 @@ Per-process state (the Triton gRPC channel, the TracerProvider, the Prometheus r
 each worker after fork: the app is not preloaded, and post_fork builds the worker's Triton client.
 """
 import os
-import select
 import shutil
-import subprocess
-import sys
 import tempfile
 
 from gateway.settings import Settings
@@ -51,10 +48,6 @@ def on_starting(server):
     remove_exemplar_files(_prometheus_dir)
 
 
-METRICS_SERVER_START_S = 10
-_metrics_server: subprocess.Popen | None = None
-
-
 def when_ready(server):
     """Give every client connection a read timeout, inherited from the listening sockets (gateway/client_timeout.py);
     start the metrics port's own process when GATEWAY_METRICS_PORT asks for one."""
@@ -64,44 +57,13 @@ def when_ready(server):
         set_read_timeout(listener.sock, _settings.client_timeout_s)
     server.log.error_log.addFilter(ReadTimeoutLogFilter(_settings.client_timeout_s))
     if _settings.metrics_port:
-        _start_metrics_server(server)
+        from gateway import metrics_process
 
-
-def _start_metrics_server(server) -> None:
-    """`python -m gateway.metrics_server` (it inherits PROMETHEUS_MULTIPROC_DIR); gunicorn stops if it cannot serve.
-
-    The process says it is serving by writing to a pipe once its port is bound: a connection test could reach
-    whatever else holds the port.
-    """
-    from gateway.metrics_server import READY
-
-    global _metrics_server
-    ready_read, ready_write = os.pipe()
-    try:
-        _metrics_server = subprocess.Popen([sys.executable, "-m", "gateway.metrics_server", "--ready-fd",
-                                            str(ready_write)], pass_fds=[ready_write])
-        os.close(ready_write)
-        ready_write = None
-        readable, _, _ = select.select([ready_read], [], [], METRICS_SERVER_START_S)
-        ready = bool(readable) and os.read(ready_read, 16) == READY  # b"": it exited first
-    finally:
-        os.close(ready_read)
-        if ready_write is not None:
-            os.close(ready_write)
-    if not ready:
-        _stop_metrics_server()
-        raise RuntimeError(f"gateway.metrics_server did not serve port {_settings.metrics_port} (see the log above)")
-    server.log.info("metrics on port %s (gateway.metrics_server, pid %s)", _settings.metrics_port, _metrics_server.pid)
-
-
-def _stop_metrics_server() -> None:
-    if _metrics_server is not None and _metrics_server.poll() is None:
-        _metrics_server.terminate()
         try:
-            _metrics_server.wait(5)
-        except subprocess.TimeoutExpired:
-            _metrics_server.kill()
-            _metrics_server.wait()
+            metrics_process.start(_settings.metrics_port)
+        except metrics_process.MetricsServerFailed:
+            _remove_owned_prometheus_dir()  # gunicorn exits without on_exit here
+            raise
 
 
 def post_fork(server, worker):
@@ -133,8 +95,14 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    """Stop the metrics port's process; remove the metrics directory this configuration created (one given by the
-    caller is left alone)."""
-    _stop_metrics_server()
+    """Stop the metrics port's process; remove the metrics directory this configuration created."""
+    from gateway import metrics_process
+
+    metrics_process.stop()
+    _remove_owned_prometheus_dir()
+
+
+def _remove_owned_prometheus_dir() -> None:
+    """The metrics directory this configuration created; one given by the caller is left alone."""
     if _owns_prometheus_dir:
         shutil.rmtree(_prometheus_dir, ignore_errors=True)

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from typing import Callable
 
 from flask import Flask, g, has_request_context
 
@@ -37,3 +40,27 @@ def register_logging(app: Flask, settings: Settings) -> None:
     handler.addFilter(RequestIdFilter())  # on the handler, so records of child loggers get it too
     logger.addHandler(handler)
     logger.propagate = False
+
+
+class Throttled:
+    """Logs a message at most once per `interval_s` for each key, saying how many it held back in between.
+
+    For failures that arrive with every request (Triton down): one line per request would bury the log.
+    """
+
+    def __init__(self, logger: logging.Logger, interval_s: float, clock: Callable[[], float] = time.monotonic):
+        self.logger, self.interval_s, self._clock = logger, interval_s, clock
+        self._lock = threading.Lock()
+        self._last: dict[str, tuple[float, int]] = {}  # key -> (when last logged, how many held back since)
+
+    def warning(self, key: str, message: str, *args) -> None:
+        now = self._clock()
+        with self._lock:
+            logged_at, held = self._last.get(key, (None, 0))
+            if logged_at is not None and now - logged_at < self.interval_s:
+                self._last[key] = (logged_at, held + 1)
+                return
+            self._last[key] = (now, 0)
+        if held:
+            message += f" ({held} more like it in the last {now - logged_at:.0f} s)"
+        self.logger.warning(message, *args)

@@ -1,6 +1,6 @@
 """`python -m gateway.metrics_server`: the merged /metrics on GATEWAY_METRICS_PORT, from a process of its own.
 
-gunicorn's master starts it when GATEWAY_METRICS_PORT is set (gateway/gunicorn.conf.py). On the API port a
+gunicorn's master starts, restarts and stops it when GATEWAY_METRICS_PORT is set (gateway/metrics_process.py). On the API port a
 scrape waits for a worker thread like any request: when Triton hangs, every thread can be waiting on it, the
 scrape misses Prometheus's timeout and the monitoring goes blind when it is needed most. This process shares
 no thread with the requests. It reads the same multiprocess files and exemplars as the API port's /metrics
@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from socketserver import ThreadingMixIn
@@ -20,10 +21,10 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from gateway.exemplars import ExemplarStore
 from gateway.exposition import Exposition
+from gateway.metrics_process import READY
 from gateway.settings import Settings, env_name
 
 PATH = "/metrics"
-READY = b"ready\n"  # gunicorn.conf.py waits for this line
 PARENT_CHECK_S = 1.0  # how soon an orphan (gunicorn's master killed outright) notices and exits
 
 log = logging.getLogger("gateway.metrics_server")
@@ -31,6 +32,10 @@ log = logging.getLogger("gateway.metrics_server")
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a scrape in progress does not hold up the exit
+
+
+class _ThreadingWSGIServerV6(_ThreadingWSGIServer):
+    address_family = socket.AF_INET6
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -59,8 +64,9 @@ def build_server(settings: Settings) -> WSGIServer:
     if not settings.prometheus_multiproc_dir:
         raise ValueError(f"{env_name('prometheus_multiproc_dir')} is not set: there are no workers' metrics to serve")
     exposition = Exposition(settings, None, ExemplarStore(settings.prometheus_multiproc_dir))
-    return make_server(settings.host, settings.metrics_port, metrics_app(exposition), _ThreadingWSGIServer,
-                      _QuietHandler)
+    host = settings.host.strip("[]")  # gunicorn's "[::]" form of an IPv6 address
+    server_class = _ThreadingWSGIServerV6 if ":" in host else _ThreadingWSGIServer
+    return make_server(host, settings.metrics_port, metrics_app(exposition), server_class, _QuietHandler)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,11 +11,14 @@ from tritonclient.utils import InferenceServerException
 
 from gateway.errors import (ApiError, InferenceRejected, ModelNotReady, TritonOverloaded, TritonTimeout,
                             TritonUnreachable, UpstreamError)
+from gateway.logging_setup import Throttled
 from gateway.settings import SHARED_MEMORY_SYSTEM, Settings
 from gateway.shared_memory import RegionPool, SharedMemoryUnavailable, is_unknown_region, region_bytes
 from gateway.tracing import set_rpc_status, triton_call_span, triton_trace_headers
 
 log = logging.getLogger(__name__)
+FAILURE_LOG_INTERVAL_S = 10.0  # a Triton outage fails every request: one line per status this often, with a count
+_failures = Throttled(log, FAILURE_LOG_INTERVAL_S)
 
 OUTPUTS = ("BOXES", "SCORES", "LABELS", "LABEL_SCORES", "NUM_DETECTIONS")
 MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
@@ -114,7 +117,8 @@ class TritonDetector:
                 result, transport = self._send(image, parameters or None, span)
             except InferenceServerException as error:
                 set_rpc_status(span, _status_name(error))
-                log.warning("triton infer failed: status=%s detail=%s", error.status(), error.message())
+                _failures.warning(str(error.status()), "triton infer failed: status=%s detail=%s", error.status(),
+                                  error.message())
                 raise translate_error(error, self.settings) from None
             except Exception as error:  # failed before any gRPC status (a shared-memory error, say): a 500
                 set_rpc_status(span, "")

@@ -5,7 +5,7 @@ from flask import Flask, g
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
 
-from gateway.logging_setup import FORMAT, RequestIdFilter
+from gateway.logging_setup import FORMAT, RequestIdFilter, Throttled
 
 
 def _line(sampler=None) -> str:
@@ -37,3 +37,30 @@ def test_an_unsampled_request_names_no_trace():
 
 def test_outside_a_span_the_ids_are_dashes():
     assert "request_id=client-42 trace_id=- span_id=-: triton infer failed" in _line()
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_repeated_failures_are_logged_once_per_interval_with_a_count(caplog):
+    """A Triton outage fails every request; the log gets one line per status and interval, not one per request."""
+    clock = _Clock()
+    throttled = Throttled(logging.getLogger("test.throttled"), 10.0, clock)
+    with caplog.at_level(logging.WARNING, logger="test.throttled"):
+        for _ in range(5):
+            throttled.warning("UNAVAILABLE", "triton infer failed: status=%s", "UNAVAILABLE")
+        throttled.warning("DEADLINE_EXCEEDED", "triton infer failed: status=%s", "DEADLINE_EXCEEDED")  # its own key
+        clock.now += 9.9
+        throttled.warning("UNAVAILABLE", "triton infer failed: status=%s", "UNAVAILABLE")
+        clock.now += 0.2
+        throttled.warning("UNAVAILABLE", "triton infer failed: status=%s", "UNAVAILABLE")
+    assert [record.getMessage() for record in caplog.records] == [
+        "triton infer failed: status=UNAVAILABLE",
+        "triton infer failed: status=DEADLINE_EXCEEDED",
+        "triton infer failed: status=UNAVAILABLE (5 more like it in the last 10 s)",
+    ]

@@ -1,4 +1,6 @@
 """GATEWAY_METRICS_PORT: the merged /metrics from a process of its own, which answers while every worker thread waits."""
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -11,7 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 pytestmark = pytest.mark.triton
 
 THREADS = 2
-# An upload that stops after its first bytes: it holds a worker thread until GATEWAY_CLIENT_TIMEOUT_S (30 s).
+CLIENT_TIMEOUT_S = 120  # how long a stalled upload holds its thread: longer than anything below waits
+# An upload that stops after its first bytes: it holds a worker thread until GATEWAY_CLIENT_TIMEOUT_S.
 STALLED = (b"POST /v1/detect HTTP/1.1\r\nHost: gateway\r\nContent-Type: image/jpeg\r\n"
            b"Content-Length: 100000\r\n\r\n\xff\xd8\xff\xe0")
 
@@ -21,7 +24,8 @@ def gateway(gateway_stack):
     """One worker with two threads, so two stalled uploads occupy it entirely."""
     metrics_port = free_port()
     env = gateway_stack.environment(free_port(), {"GATEWAY_WORKERS": "1", "GATEWAY_THREADS": str(THREADS),
-                                                  "GATEWAY_METRICS_PORT": str(metrics_port)})
+                                                  "GATEWAY_METRICS_PORT": str(metrics_port),
+                                                  "GATEWAY_CLIENT_TIMEOUT_S": str(CLIENT_TIMEOUT_S)})
     started = Gunicorn(env, gateway_stack.log_dir / "metrics_port.log").start()
     started.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     yield started
@@ -63,16 +67,36 @@ def test_the_metrics_port_answers_while_every_worker_thread_is_busy(gateway):
     try:
         for connection in stalled:
             connection.sendall(STALLED)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 20
         while _samples(requests.get(gateway.metrics_url, timeout=10).text)[
                 ("gateway_inflight_requests", ())] != THREADS:
             assert time.monotonic() < deadline, "the stalled uploads never showed as in flight"
             time.sleep(0.1)
-        with pytest.raises(requests.Timeout):  # queued behind the stalled uploads for up to 30 s
+        with pytest.raises(requests.Timeout):  # queued behind the stalled uploads for CLIENT_TIMEOUT_S
             requests.get(gateway.url + "/metrics", timeout=3)
     finally:
         for connection in stalled:
             connection.close()
+
+
+def _metrics_processes(master: int) -> list[int]:
+    return [pid for pid in children(master) if "gateway.metrics_server" in open(f"/proc/{pid}/cmdline").read()]
+
+
+def test_a_metrics_process_that_dies_is_replaced(gateway):
+    (first,) = _metrics_processes(gateway.process.pid)
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while True:
+        replaced = [pid for pid in _metrics_processes(gateway.process.pid) if pid != first]
+        try:
+            if replaced and requests.get(gateway.metrics_url, timeout=5).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        assert time.monotonic() < deadline, "no new metrics process served the port"
+        time.sleep(0.2)
+    assert "gateway.metrics_server (pid %d) exited" % first in gateway.log_text()
 
 
 def test_the_metrics_process_stops_with_gunicorn_and_a_taken_port_stops_gunicorn(gateway_stack):
@@ -91,8 +115,7 @@ def test_the_metrics_process_stops_with_gunicorn_and_a_taken_port_stops_gunicorn
     metrics_port = free_port()
     env = gateway_stack.environment(free_port(), {"GATEWAY_WORKERS": "1", "GATEWAY_METRICS_PORT": str(metrics_port)})
     started = Gunicorn(env, gateway_stack.log_dir / "metrics_port_stop.log").start()
-    helpers = [pid for pid in children(started.process.pid)
-               if "gateway.metrics_server" in open(f"/proc/{pid}/cmdline").read()]
+    helpers = _metrics_processes(started.process.pid)
     assert len(helpers) == 1
     assert started.stop() == 0
     with pytest.raises(OSError):

@@ -301,12 +301,12 @@ def test_a_gateway_triton_cannot_map_leaves_other_gateways_regions_alone(triton_
 
 # ---------------------------------------------------------------------------------------------------------
 # live: gunicorn's hooks
-@live
 def _in_flight(url: str) -> float:
     text = requests.get(url + "/metrics", timeout=10).text
     return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("gateway_inflight_requests "))
 
 
+@live
 def test_a_killed_workers_regions_are_freed_and_unregistered(gateway_stack, hopper_jpeg):
     """SIGKILL skips worker_exit: the master frees the memory, the next worker unregisters it from Triton.
 
