@@ -13,8 +13,14 @@ _settings = Settings.from_env()
 
 # Prometheus multiprocess mode: every worker writes its samples to files here; /metrics merges them.
 # prometheus_client reads the variable when it is first imported, so it is set before any worker starts.
-_owns_prometheus_dir = not _settings.prometheus_multiproc_dir
-_prometheus_dir = _settings.prometheus_multiproc_dir or tempfile.mkdtemp(prefix="gateway-prometheus-")
+# A directory made here carries a marker file, so it is removed at exit even after a HUP has re-read this file
+# (by then the variable below is set, and looks like the caller's).
+OWNED_MARKER = ".made-by-gateway-gunicorn-conf"
+if _settings.prometheus_multiproc_dir:
+    _prometheus_dir = _settings.prometheus_multiproc_dir
+else:
+    _prometheus_dir = tempfile.mkdtemp(prefix="gateway-prometheus-")
+    open(os.path.join(_prometheus_dir, OWNED_MARKER), "w").close()
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = _prometheus_dir  # inherited by the workers
 
 bind = [f"{_settings.host}:{_settings.port}"]
@@ -104,5 +110,5 @@ def on_exit(server):
 
 def _remove_owned_prometheus_dir() -> None:
     """The metrics directory this configuration created; one given by the caller is left alone."""
-    if _owns_prometheus_dir:
+    if os.path.exists(os.path.join(_prometheus_dir, OWNED_MARKER)):
         shutil.rmtree(_prometheus_dir, ignore_errors=True)

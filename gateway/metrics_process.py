@@ -47,20 +47,18 @@ class _Supervisor:
             while not self._stopping.wait(RESTART_DELAY_S):
                 try:
                     self.process = _spawn(self.port)
-                    break
-                except MetricsServerFailed as error:
+                except Exception as error:  # this thread must outlive any one failure
                     log.error("%s; trying again", error)
+                    continue
+                if self._stopping.is_set():  # stop() came while this one started: it saw the old process only
+                    _terminate(self.process)
+                break
 
     def stop(self) -> None:
+        """No more restarts; the running child is terminated."""
         self._stopping.set()
-        process = self.process
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if self.process is not None:
+            _terminate(self.process)
 
 
 _supervisor: _Supervisor | None = None
@@ -85,6 +83,17 @@ def stop() -> None:
         _supervisor = None
 
 
+def _terminate(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it overstays STOP_TIMEOUT_S."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def _spawn(port: int) -> subprocess.Popen:
     """The child, once it has said it serves: it writes READY to a pipe after binding (a connection test could
     reach whatever else holds the port). The child reads its settings, port included, from the environment."""
@@ -102,8 +111,6 @@ def _spawn(port: int) -> subprocess.Popen:
         if ready_write is not None:
             os.close(ready_write)
     if not ready:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        _terminate(process)
         raise MetricsServerFailed(f"gateway.metrics_server did not serve port {port} (see the log above)")
     return process

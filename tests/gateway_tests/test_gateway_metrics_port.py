@@ -99,7 +99,8 @@ def test_a_metrics_process_that_dies_is_replaced(gateway):
     assert "gateway.metrics_server (pid %d) exited" % first in gateway.log_text()
 
 
-def test_the_metrics_process_stops_with_gunicorn_and_a_taken_port_stops_gunicorn(gateway_stack):
+def test_the_metrics_process_survives_a_hup_and_stops_with_gunicorn_and_a_taken_port_stops_gunicorn(
+        gateway_stack):
     taken = socket.create_server(("127.0.0.1", 0))
     try:
         env = gateway_stack.environment(free_port(), {"GATEWAY_WORKERS": "1",
@@ -117,7 +118,20 @@ def test_the_metrics_process_stops_with_gunicorn_and_a_taken_port_stops_gunicorn
     started = Gunicorn(env, gateway_stack.log_dir / "metrics_port_stop.log").start()
     helpers = _metrics_processes(started.process.pid)
     assert len(helpers) == 1
+    # a HUP reloads the configuration and replaces the workers; the metrics process stays, and is still the one
+    # the reloaded configuration stops
+    workers = set(children(started.process.pid)) - set(helpers)
+    started.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while set(children(started.process.pid)) & workers:
+        assert time.monotonic() < deadline, "the workers were not replaced after HUP"
+        time.sleep(0.2)
+    assert _metrics_processes(started.process.pid) == helpers
+    assert requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).status_code == 200
+    environ = dict(item.split("=", 1) for item in open(f"/proc/{helpers[0]}/environ").read().split("\0") if item)
+    made_here = environ["PROMETHEUS_MULTIPROC_DIR"]  # by gunicorn.conf.py: the test passed none
     assert started.stop() == 0
+    assert not os.path.exists(made_here)  # removed at exit, though the HUP re-read the config
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", metrics_port), timeout=5).close()
     assert subprocess.run(["kill", "-0", str(helpers[0])], capture_output=True).returncode != 0
