@@ -13,14 +13,26 @@ _settings = Settings.from_env()
 
 # Prometheus multiprocess mode: every worker writes its samples to files here; /metrics merges them.
 # prometheus_client reads the variable when it is first imported, so it is set before any worker starts.
-# A directory made here carries a marker file, so it is removed at exit even after a HUP has re-read this file
-# (by then the variable below is set, and looks like the caller's).
-OWNED_MARKER = ".made-by-gateway-gunicorn-conf"
-if _settings.prometheus_multiproc_dir:
-    _prometheus_dir = _settings.prometheus_multiproc_dir
-else:
+# A directory made here holds a marker naming this master's pid: it is this master's to remove at exit, also after
+# a HUP has re-read this file (the variable below is set by then). One marked by another master, inherited through
+# a binary upgrade (USR2), is that master's: this one makes its own.
+OWNED_MARKER = ".made-by-gunicorn-master"
+
+
+def _made_by(directory: str) -> int | None:
+    """The pid of the master that made `directory`, or None for a directory the caller gave."""
+    try:
+        with open(os.path.join(directory, OWNED_MARKER)) as marker:
+            return int(marker.read())
+    except (OSError, ValueError):
+        return None
+
+
+_prometheus_dir = _settings.prometheus_multiproc_dir
+if not _prometheus_dir or _made_by(_prometheus_dir) not in (None, os.getpid()):
     _prometheus_dir = tempfile.mkdtemp(prefix="gateway-prometheus-")
-    open(os.path.join(_prometheus_dir, OWNED_MARKER), "w").close()
+    with open(os.path.join(_prometheus_dir, OWNED_MARKER), "w") as _marker:
+        _marker.write(str(os.getpid()))
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = _prometheus_dir  # inherited by the workers
 
 bind = [f"{_settings.host}:{_settings.port}"]
@@ -110,5 +122,5 @@ def on_exit(server):
 
 def _remove_owned_prometheus_dir() -> None:
     """The metrics directory this configuration created; one given by the caller is left alone."""
-    if os.path.exists(os.path.join(_prometheus_dir, OWNED_MARKER)):
+    if _made_by(_prometheus_dir) == os.getpid():
         shutil.rmtree(_prometheus_dir, ignore_errors=True)

@@ -12,11 +12,14 @@ import select
 import subprocess
 import sys
 import threading
+import time
 
 READY = b"ready\n"  # what the child writes to its --ready-fd once its port is bound
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
-RESTART_DELAY_S = 1.0  # after the child died, before a new one; keeps a crash loop from spinning
+RESTART_DELAY_S = 1.0  # after the child died, before a new one; doubled after each failed start ...
+MAX_RESTART_DELAY_S = 60.0  # ... up to this, so a port that stays taken costs little
+STABLE_S = 60.0  # a child that served this long before dying starts the delays over
 
 log = logging.getLogger("gunicorn.error")  # the master's log, where gunicorn writes its own lines
 
@@ -32,33 +35,43 @@ class _Supervisor:
         self.port = port
         self.process: subprocess.Popen | None = None
         self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     def start(self) -> None:
         """Start the child and wait until it serves; then watch it from a thread that restarts it."""
         self.process = _spawn(self.port)
-        threading.Thread(target=self._watch, name="metrics-server-watch", daemon=True).start()
+        self._watcher = threading.Thread(target=self._watch, name="metrics-server-watch", daemon=True)
+        self._watcher.start()
 
     def _watch(self) -> None:
+        delay = RESTART_DELAY_S
         while not self._stopping.is_set():
+            started = time.monotonic()
             code = self.process.wait()  # 0 also where gunicorn's own reaping took the exit status first
             if self._stopping.is_set():
                 return
-            log.error("gateway.metrics_server (pid %s) exited with code %s; starting another", self.process.pid, code)
-            while not self._stopping.wait(RESTART_DELAY_S):
+            if time.monotonic() - started >= STABLE_S:
+                delay = RESTART_DELAY_S
+            log.error("gateway.metrics_server (pid %s) exited with code %s; starting another in %.0f s",
+                      self.process.pid, code, delay)
+            while not self._stopping.wait(delay):
                 try:
                     self.process = _spawn(self.port)
                 except Exception as error:  # this thread must outlive any one failure
-                    log.error("%s; trying again", error)
+                    delay = min(delay * 2, MAX_RESTART_DELAY_S)
+                    log.error("%s; trying again in %.0f s", error, delay)
                     continue
                 if self._stopping.is_set():  # stop() came while this one started: it saw the old process only
                     _terminate(self.process)
                 break
 
     def stop(self) -> None:
-        """No more restarts; the running child is terminated."""
+        """No more restarts; the running child is terminated, and one being started is waited for and stopped."""
         self._stopping.set()
         if self.process is not None:
             _terminate(self.process)
+        if self._watcher is not None:
+            self._watcher.join(START_TIMEOUT_S + 2 * STOP_TIMEOUT_S)
 
 
 _supervisor: _Supervisor | None = None
@@ -100,8 +113,9 @@ def _spawn(port: int) -> subprocess.Popen:
     ready_read, ready_write = os.pipe()
     process = None
     try:
+        # Its own session: a Ctrl-C to a foreground gunicorn reaches the master, which stops it, not it directly.
         process = subprocess.Popen([sys.executable, "-m", "gateway.metrics_server", "--ready-fd", str(ready_write)],
-                                   pass_fds=[ready_write])
+                                   pass_fds=[ready_write], start_new_session=True)
         os.close(ready_write)
         ready_write = None
         readable, _, _ = select.select([ready_read], [], [], START_TIMEOUT_S)

@@ -3,11 +3,13 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
-from gateway_helpers import Gunicorn, children, free_port
+from gateway_helpers import REPO_ROOT, Gunicorn, children, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.triton
@@ -80,7 +82,15 @@ def test_the_metrics_port_answers_while_every_worker_thread_is_busy(gateway):
 
 
 def _metrics_processes(master: int) -> list[int]:
-    return [pid for pid in children(master) if "gateway.metrics_server" in open(f"/proc/{pid}/cmdline").read()]
+    found = []
+    for pid in children(master):
+        try:
+            with open(f"/proc/{pid}/cmdline") as cmdline:
+                if "gateway.metrics_server" in cmdline.read():
+                    found.append(pid)
+        except FileNotFoundError:  # it exited (and was reaped) since it was listed
+            pass
+    return found
 
 
 def test_a_metrics_process_that_dies_is_replaced(gateway):
@@ -135,3 +145,80 @@ def test_the_metrics_process_survives_a_hup_and_stops_with_gunicorn_and_a_taken_
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", metrics_port), timeout=5).close()
     assert subprocess.run(["kill", "-0", str(helpers[0])], capture_output=True).returncode != 0
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie waiting for a parent that is not this test counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_binary_upgrade_gives_the_new_master_its_own_metrics_directory(gateway_stack, hopper_jpeg, tmp_path):
+    """USR2 after a HUP starts a new master with the old one's environment, metrics directory included: it makes
+    its own, so the old master's exit removes only its own directory and the new master goes on counting.
+
+    Started as compose starts it, by gunicorn's console script: re-executed as `python .../gunicorn/__main__.py`
+    (what `python -m gunicorn` leaves in sys.argv), the new master would find gunicorn's `http` package first
+    on its path and fail to import the standard library's.
+    """
+    env = gateway_stack.environment(free_port(), {"GATEWAY_WORKERS": "1", "TMPDIR": str(tmp_path)})
+    url = f"http://127.0.0.1:{env['GATEWAY_PORT']}"
+    command = [str(Path(sys.executable).with_name("gunicorn")), "-c", str(REPO_ROOT / "gateway" / "gunicorn.conf.py"),
+               "gateway:create_app()"]
+    with open(gateway_stack.log_dir / "metrics_dir_usr2.log", "wb") as log:
+        old = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    new_master = None
+    try:
+        deadline = time.monotonic() + 60
+        while not _answers(url + "/readyz"):
+            assert old.poll() is None and time.monotonic() < deadline, "gunicorn did not start"
+            time.sleep(0.2)
+        (made_by_old,) = tmp_path.glob("gateway-prometheus-*")
+        # a HUP first: gunicorn's new Config then records the environment with the directory in it, and a USR2
+        # hands that environment to the new master
+        first_workers = set(children(old.pid))
+        old.send_signal(signal.SIGHUP)
+        while set(children(old.pid)) & first_workers or not children(old.pid):
+            assert time.monotonic() < deadline + 30, "the workers were not replaced after HUP"
+            time.sleep(0.2)
+        old_workers = set(children(old.pid))
+        old.send_signal(signal.SIGUSR2)
+        while new_master is None or not children(new_master):
+            assert time.monotonic() < deadline + 60, "no new master with workers after USR2"
+            time.sleep(0.2)
+            new_master = next(iter(set(children(old.pid)) - old_workers), None)
+        old.send_signal(signal.SIGTERM)
+        assert old.wait(timeout=60) == 0
+        assert not made_by_old.exists()
+        (made_by_new,) = tmp_path.glob("gateway-prometheus-*")
+        answer = requests.post(url + "/v1/detect", data=hopper_jpeg, headers={"Content-Type": "image/jpeg"},
+                               timeout=60)
+        assert answer.status_code == 200  # served by the new master's worker, which writes to its own directory
+        deadline = time.monotonic() + 10
+        while not list(made_by_new.glob("counter_*.db")):
+            assert time.monotonic() < deadline, "the new master's worker wrote no metrics file"
+            time.sleep(0.1)
+        os.kill(new_master, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while not _gone(new_master):
+            assert time.monotonic() < deadline, "the new master did not stop"
+            time.sleep(0.2)
+        new_master = None
+        assert not made_by_new.exists()
+    finally:
+        if new_master is not None and not _gone(new_master):
+            os.kill(new_master, signal.SIGKILL)
+        if old.poll() is None:
+            os.killpg(old.pid, signal.SIGKILL)
+            old.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.ConnectionError:
+        return False
