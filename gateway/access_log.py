@@ -15,11 +15,11 @@ import json
 import logging
 import sys
 import time
-from datetime import datetime, timezone
 
 from flask import Flask, g, request
 
 from gateway.after_response import after_response
+from gateway.log_format import iso_utc
 from gateway.operational import OPERATIONAL_PATHS
 from gateway.server_timing import current_timings
 from gateway.settings import OFF, Settings
@@ -28,10 +28,6 @@ from gateway.tracing import current_trace_ids
 LOGGER_NAME = "gateway.access"
 KEYS = ("ts", "request_id", "trace_id", "span_id", "route", "method", "status", "duration_ms", "image_width",
         "image_height", "faces", "error_code")
-
-
-def _iso_utc(epoch_s: float) -> str:
-    return datetime.fromtimestamp(epoch_s, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def access_logger(settings: Settings) -> logging.Logger | None:
@@ -60,7 +56,7 @@ def access_record(status: int) -> dict:
     trace_id, span_id = current_trace_ids()
     rule = request.url_rule
     return {
-        "ts": _iso_utc(time.time() - duration_ms / 1000.0), "request_id": g.get("request_id"),
+        "ts": iso_utc(time.time() - duration_ms / 1000.0), "request_id": g.get("request_id"),
         "trace_id": trace_id, "span_id": span_id, "route": rule.rule if rule is not None else None,
         "method": request.method, "status": status, "duration_ms": round(duration_ms, 3),
         "image_width": g.get("image_width"), "image_height": g.get("image_height"), "faces": g.get("faces"),

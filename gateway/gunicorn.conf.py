@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 
+from gateway.log_format import gunicorn_logconfig
 from gateway.settings import Settings
 
 _settings = Settings.from_env()
@@ -45,6 +46,8 @@ keepalive = _settings.keepalive_s
 preload_app = False  # the app (and everything per-process) is built in each worker, after fork
 max_requests = 0  # workers live long: each holds a warm gRPC channel
 loglevel = _settings.log_level
+# GATEWAY_LOG_FORMAT=json: gunicorn's own lines as JSON too (else its defaults)
+logconfig_dict = gunicorn_logconfig(_settings.log_format, _settings.log_level)
 # The app writes the access log itself, one JSON line per request with trace ids (gateway/access_log.py,
 # GATEWAY_ACCESS_LOG); gunicorn's own text access log would log every request a second time.
 accesslog = None

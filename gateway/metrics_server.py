@@ -21,6 +21,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from gateway.exemplars import ExemplarStore
 from gateway.exposition import Exposition
+from gateway.log_format import JSON, JsonFormatter
 from gateway.metrics_process import READY
 from gateway.settings import Settings, env_name
 
@@ -74,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int, help="write a line to this file descriptor once the port is bound")
     args = parser.parse_args(argv)
     settings = Settings.from_env()
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if settings.log_format == JSON else
+                         logging.Formatter("%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
     parent = os.getppid()
     try:
         server = build_server(settings)

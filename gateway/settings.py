@@ -5,6 +5,8 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import Mapping
 
+from gateway.log_format import FORMATS as LOG_FORMATS
+
 ENV_PREFIX = "GATEWAY_"
 OFF = "off"  # turns an optional output off (an empty variable means "the default", like an unset one)
 SHARED_MEMORY_SYSTEM = "system"  # images reach Triton through system shared memory where it can map it
@@ -73,6 +75,7 @@ class Settings:
     metrics_port: int = 0  # a second port serving only /metrics, from a process of its own (0: none)
     access_log: str = "-"  # one JSON line per request: "-" stdout, a path appends to that file, "off" none
     log_level: str = "info"  # gunicorn and gateway log level
+    log_format: str = "text"  # gunicorn's and the gateway's lines on stderr: "text", or "json" (one object a line)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -97,6 +100,8 @@ class Settings:
         if self.triton_shared_memory not in SHARED_MEMORY_CHOICES:
             raise ValueError(f"{env_name('triton_shared_memory')}={self.triton_shared_memory!r} is not one of "
                              f"{', '.join(SHARED_MEMORY_CHOICES)}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"{env_name('log_format')}={self.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
         if not 0 <= self.client_timeout_s < 2**31:
             raise ValueError(f"{env_name('client_timeout_s')}={self.client_timeout_s!r} is not a number of seconds "
                              f"(0 turns the timeout off)")

@@ -1,10 +1,17 @@
 """The gateway's own log lines carry the request id and, for a sampled request, its trace and span ids."""
+import json
 import logging
+import os
+import sys
 
+import pytest
+import requests
 from flask import Flask, g
+from gateway_helpers import Gunicorn, free_port
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
 
+from gateway.log_format import JsonFormatter
 from gateway.logging_setup import FORMAT, RequestIdFilter, Throttled
 
 
@@ -64,3 +71,45 @@ def test_repeated_failures_are_logged_once_per_interval_with_a_count(caplog):
         "triton infer failed: status=DEADLINE_EXCEEDED",
         "triton infer failed: status=UNAVAILABLE (5 more like it in the last 10 s)",
     ]
+
+
+def test_json_lines_carry_the_ids_and_keep_a_traceback_inside_the_line():
+    record = logging.LogRecord("gateway.errors", logging.ERROR, __file__, 1, "failed %s", ("here",), None)
+    record.request_id, record.trace_id, record.span_id = "client-42", "ab" * 16, "-"
+    try:
+        raise KeyError("secret")
+    except KeyError:
+        record.exc_info = sys.exc_info()
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    parsed = json.loads(line)
+    assert parsed["message"] == "failed here" and parsed["level"] == "ERROR" and parsed["logger"] == "gateway.errors"
+    assert parsed["request_id"] == "client-42" and parsed["trace_id"] == "ab" * 16
+    assert "span_id" not in parsed  # "-": none
+    assert parsed["exception"].startswith("Traceback") and "KeyError" in parsed["exception"]
+    assert parsed["ts"].endswith("Z") and parsed["pid"] == os.getpid()
+
+
+@pytest.mark.triton
+def test_a_json_gateway_writes_only_json_lines_keyed_by_request(gateway_stack, hopper_jpeg):
+    """GATEWAY_LOG_FORMAT=json: gunicorn's lines, the app's warnings and the access log are each one JSON object
+    a line, and the app's warning about a failed Triton call names the request it failed; gunicorn's own access
+    log stays off."""
+    env = gateway_stack.environment(free_port(), {
+        "GATEWAY_WORKERS": "1", "GATEWAY_LOG_FORMAT": "json", "GATEWAY_ACCESS_LOG": "-",
+        "GATEWAY_TRITON_URL": f"127.0.0.1:{free_port()}", "GATEWAY_TRITON_METRICS_URL": "off"})  # no Triton there
+    gateway = Gunicorn(env, gateway_stack.log_dir / "json_log.log").start(ready_path="/healthz")
+    try:
+        refused = requests.post(gateway.url + "/v1/detect", data=hopper_jpeg, headers={"Content-Type": "image/jpeg"},
+                                timeout=60)
+        assert refused.status_code == 503
+    finally:
+        gateway.stop()
+    lines = [json.loads(line) for line in gateway.log_text().splitlines() if line.strip()]  # each one JSON
+    request_id = refused.headers["X-Request-ID"]
+    assert any(line.get("logger") == "gunicorn.error" and "Booting worker" in line["message"] for line in lines)
+    failed = [line for line in lines if line.get("message", "").startswith("triton infer failed")]
+    assert len(failed) == 1 and failed[0]["request_id"] == request_id and failed[0]["level"] == "WARNING"
+    logged = [line for line in lines if line.get("route") == "/v1/detect"]
+    assert len(logged) == 1 and logged[0]["status"] == 503 and logged[0]["request_id"] == request_id
+    assert not any(line.get("logger") == "gunicorn.access" for line in lines)
