@@ -36,6 +36,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, separators=(",", ":"))
 
 
+def formatter(log_format: str, text: str) -> logging.Formatter:
+    """The formatter of a handler of ours: JSON lines, or the `text` format (a logging format string)."""
+    return JsonFormatter() if log_format == JSON else logging.Formatter(text)
+
+
 def gunicorn_logconfig(log_format: str, log_level: str) -> dict:
     """gunicorn's `logconfig_dict`: its own lines (boot, worker exits, errors) in the same format as the app's.
 

@@ -8,7 +8,7 @@ from typing import Callable
 
 from flask import Flask, g, has_request_context
 
-from gateway.log_format import JSON, JsonFormatter
+from gateway.log_format import formatter
 from gateway.settings import Settings
 from gateway.tracing import current_trace_ids
 
@@ -37,7 +37,7 @@ def register_logging(app: Flask, settings: Settings) -> None:
     if any(isinstance(f, RequestIdFilter) for h in logger.handlers for f in h.filters):
         return
     handler = logging.StreamHandler()  # stderr, which gunicorn sends to its error log
-    handler.setFormatter(JsonFormatter() if settings.log_format == JSON else logging.Formatter(FORMAT))
+    handler.setFormatter(formatter(settings.log_format, FORMAT))
     handler.addFilter(RequestIdFilter())  # on the handler, so records of child loggers get it too
     logger.addHandler(handler)
     logger.propagate = False

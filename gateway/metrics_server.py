@@ -1,10 +1,10 @@
 """`python -m gateway.metrics_server`: the merged /metrics on GATEWAY_METRICS_PORT, from a process of its own.
 
-gunicorn's master starts, restarts and stops it when GATEWAY_METRICS_PORT is set (gateway/metrics_process.py). On the API port a
-scrape waits for a worker thread like any request: when Triton hangs, every thread can be waiting on it, the
-scrape misses Prometheus's timeout and the monitoring goes blind when it is needed most. This process shares
-no thread with the requests. It reads the same multiprocess files and exemplars as the API port's /metrics
-and fetches Triton's page itself, so both answer the same page.
+gunicorn's master starts, restarts and stops it when GATEWAY_METRICS_PORT is set (gateway/metrics_process.py).
+On the API port a scrape waits for a worker thread like any request: when Triton hangs, every thread can be
+waiting on it, the scrape misses Prometheus's timeout and the monitoring goes blind when it is needed most.
+This process shares no thread with the requests. It reads the same multiprocess files and exemplars as the
+API port's /metrics and fetches Triton's page itself, so both answer the same page.
 """
 from __future__ import annotations
 
@@ -21,11 +21,12 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from gateway.exemplars import ExemplarStore
 from gateway.exposition import Exposition
-from gateway.log_format import JSON, JsonFormatter
+from gateway.log_format import formatter
 from gateway.metrics_process import READY
 from gateway.settings import Settings, env_name
 
 PATH = "/metrics"
+TEXT_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"  # no request here to name
 PARENT_CHECK_S = 1.0  # how soon an orphan (gunicorn's master killed outright) notices and exits
 
 log = logging.getLogger("gateway.metrics_server")
@@ -76,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if settings.log_format == JSON else
-                         logging.Formatter("%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"))
+    handler.setFormatter(formatter(settings.log_format, TEXT_FORMAT))
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
     parent = os.getppid()
     try:

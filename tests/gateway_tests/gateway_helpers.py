@@ -21,6 +21,7 @@ import numpy as np
 import requests
 from flask.testing import FlaskClient
 from openapi_schema_validator import OAS31Validator
+from prometheus_client.parser import text_string_to_metric_families
 
 from ensemble.ssd import pairwise_iou
 from ensemble.triton.launcher import TraceSettings, TritonServer, with_parent_death_signal
@@ -143,6 +144,23 @@ def documented_examples(document, path, status, media="application/json"):
     if "$ref" in response:
         response = document["components"]["responses"][response["$ref"].rsplit("/", 1)[-1]]
     return [example["value"] for example in response["content"][media]["examples"].values()]
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of a Prometheus text page, by (sample name, sorted label pairs)."""
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def scraped(url: str) -> dict[tuple[str, tuple], float]:
+    """metric_samples of the page at `url` (a gateway's /metrics, or its metrics port's)."""
+    return metric_samples(requests.get(url, timeout=10).text)
+
+
+def sample_sum(samples: dict[tuple[str, tuple], float], name: str, **labels: str) -> float:
+    """The sum of the samples called `name` whose labels include `labels` (over workers, other labels)."""
+    wanted = set(labels.items())
+    return sum(value for (sample, pairs), value in samples.items() if sample == name and wanted <= set(pairs))
 
 
 def children(pid: int) -> list[int]:

@@ -15,18 +15,19 @@ from gateway.log_format import JsonFormatter
 from gateway.logging_setup import FORMAT, RequestIdFilter, Throttled
 
 
-def _line(sampler=None) -> str:
-    """One warning formatted as the gateway writes it, inside a request and (with a sampler) a span."""
+def _line(sampler=None):
+    """(one warning formatted as the gateway writes it inside a request, the span's context or None): with a
+    sampler, the warning is written inside a span of that sampler."""
     record = logging.LogRecord("gateway.triton_client", logging.WARNING, __file__, 1, "triton infer failed", (), None)
-    app = Flask(__name__)
-    with app.test_request_context():
+    context = None
+    with Flask(__name__).test_request_context():
         g.request_id = "client-42"
         if sampler is None:
             RequestIdFilter().filter(record)
-            return logging.Formatter(FORMAT).format(record)
-        with TracerProvider(sampler=sampler).get_tracer("test").start_as_current_span("request") as span:
-            RequestIdFilter().filter(record)
-            context = span.get_span_context()
+        else:
+            with TracerProvider(sampler=sampler).get_tracer("test").start_as_current_span("request") as span:
+                RequestIdFilter().filter(record)
+                context = span.get_span_context()
     return logging.Formatter(FORMAT).format(record), context
 
 
@@ -43,7 +44,8 @@ def test_an_unsampled_request_names_no_trace():
 
 
 def test_outside_a_span_the_ids_are_dashes():
-    assert "request_id=client-42 trace_id=- span_id=-: triton infer failed" in _line()
+    line, _ = _line()
+    assert "request_id=client-42 trace_id=- span_id=-: triton infer failed" in line
 
 
 class _Clock:

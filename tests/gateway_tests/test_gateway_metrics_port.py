@@ -1,4 +1,4 @@
-"""GATEWAY_METRICS_PORT: the merged /metrics from a process of its own, which answers while every worker thread waits."""
+"""GATEWAY_METRICS_PORT: the merged /metrics from a process of its own, answering while every worker thread waits."""
 import os
 import signal
 import socket
@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from gateway_helpers import REPO_ROOT, Gunicorn, children, free_port
-from prometheus_client.parser import text_string_to_metric_families
+from gateway_helpers import REPO_ROOT, Gunicorn, children, free_port, metric_samples, scraped
 
 pytestmark = pytest.mark.triton
 
@@ -34,22 +33,17 @@ def gateway(gateway_stack):
     started.stop()
 
 
-def _samples(text: str) -> dict:
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
-
-
 def test_the_metrics_port_serves_the_merged_page_of_the_api_port(gateway, hopper_jpeg):
     answer = requests.post(gateway.url + "/v1/detect", data=hopper_jpeg, headers={"Content-Type": "image/jpeg"},
                            timeout=60)
     assert answer.status_code == 200
     # the answer's metrics are written just after it went out
     deadline = time.monotonic() + 10
-    while (own := _samples(page := requests.get(gateway.metrics_url, timeout=10).text)).get(
+    while (own := metric_samples(page := requests.get(gateway.metrics_url, timeout=10).text)).get(
             ("gateway_faces_per_image_count", ())) != 1.0:
         assert time.monotonic() < deadline, "the detection never showed on the metrics port"
         time.sleep(0.1)
-    api = _samples(requests.get(gateway.url + "/metrics", timeout=10).text)
+    api = scraped(gateway.url + "/metrics")
     counted = ("flask_http_request_total", (("method", "POST"), ("status", "200")))
     assert own[counted] == api[counted] == 1.0  # the worker's files, read by another process
     assert own[("gateway_triton_metrics_up", ())] == 1.0
@@ -58,7 +52,7 @@ def test_the_metrics_port_serves_the_merged_page_of_the_api_port(gateway, hopper
     assert openmetrics.headers["Content-Type"].startswith("application/openmetrics-text")
     assert openmetrics.text.endswith("# EOF\n")
     only = requests.get(gateway.metrics_url, params={"name[]": "gateway_inflight_requests"}, timeout=10).text
-    assert {name for name, _ in _samples(only)} == {"gateway_inflight_requests"}
+    assert {name for name, _ in metric_samples(only)} == {"gateway_inflight_requests"}
     assert requests.get(gateway.metrics_url.replace("/metrics", "/v1/detect"), timeout=10).status_code == 404
 
 
@@ -70,8 +64,7 @@ def test_the_metrics_port_answers_while_every_worker_thread_is_busy(gateway):
         for connection in stalled:
             connection.sendall(STALLED)
         deadline = time.monotonic() + 20
-        while _samples(requests.get(gateway.metrics_url, timeout=10).text)[
-                ("gateway_inflight_requests", ())] != THREADS:
+        while scraped(gateway.metrics_url)[("gateway_inflight_requests", ())] != THREADS:
             assert time.monotonic() < deadline, "the stalled uploads never showed as in flight"
             time.sleep(0.1)
         with pytest.raises(requests.Timeout):  # queued behind the stalled uploads for CLIENT_TIMEOUT_S

@@ -5,8 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from gateway_helpers import GatewayStack, Gunicorn, free_port
-from prometheus_client.parser import text_string_to_metric_families
+from gateway_helpers import GatewayStack, Gunicorn, free_port, sample_sum, scraped
 
 from benchmarks.config_variant import make_variant
 
@@ -151,13 +150,8 @@ def test_a_full_triton_queue_is_429_with_retry_after(tmp_path, hopper_jpeg):
 
 def _measured(url: str, since: dict | None = None) -> dict:
     """Counts of the `total` and `triton` stages and of `triton_overloaded` errors, less those of `since`."""
-    text = requests.get(url + "/metrics", timeout=10).text
-    counts = {"total": 0.0, "triton": 0.0, "triton_overloaded": 0.0}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "gateway_stage_duration_seconds_count" and sample.labels["stage"] in counts:
-                counts[sample.labels["stage"]] += sample.value
-            elif sample.name == "gateway_errors_total" and sample.labels["code"] == "triton_overloaded":
-                assert sample.labels["kind"] == "upstream"
-                counts["triton_overloaded"] += sample.value
+    samples = scraped(url + "/metrics")
+    counts = {stage: sample_sum(samples, "gateway_stage_duration_seconds_count", stage=stage)
+              for stage in ("total", "triton")}
+    counts["triton_overloaded"] = sample_sum(samples, "gateway_errors_total", code="triton_overloaded", kind="upstream")
     return {key: round(value - (since or {}).get(key, 0)) for key, value in counts.items()}

@@ -25,7 +25,8 @@ import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 from flask import Flask
-from gateway_helpers import INHERITED_OBSERVABILITY_VARIABLES, REPO_ROOT, Gunicorn, children, encode, free_port
+from gateway_helpers import (INHERITED_OBSERVABILITY_VARIABLES, REPO_ROOT, Gunicorn, children, encode, free_port,
+                             scraped)
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -40,6 +41,7 @@ from gateway.tracing import PROVIDER_KEY
 from gateway.triton_client import TRANSPORT_ATTRIBUTE, TritonDetector
 
 live = pytest.mark.triton
+IN_FLIGHT = ("gateway_inflight_requests", ())  # the gauge's one series, summed over workers
 WORKER_RESPAWN_TIMEOUT_S = 30
 INLINE_WARNING = "sends images inside the gRPC request"
 
@@ -301,11 +303,6 @@ def test_a_gateway_triton_cannot_map_leaves_other_gateways_regions_alone(triton_
 
 # ---------------------------------------------------------------------------------------------------------
 # live: gunicorn's hooks
-def _in_flight(url: str) -> float:
-    text = requests.get(url + "/metrics", timeout=10).text
-    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("gateway_inflight_requests "))
-
-
 @live
 def test_a_killed_workers_regions_are_freed_and_unregistered(gateway_stack, hopper_jpeg):
     """SIGKILL skips worker_exit: the master frees the memory, the next worker unregisters it from Triton.
@@ -335,7 +332,7 @@ def test_a_killed_workers_regions_are_freed_and_unregistered(gateway_stack, hopp
         stalled.sendall(b"POST /v1/detect HTTP/1.1\r\nHost: gateway\r\nContent-Type: image/jpeg\r\n"
                         b"Content-Length: 100000\r\n\r\n\xff\xd8\xff\xe0")
         deadline = time.monotonic() + 30
-        while _in_flight(gunicorn.url) != 1.0:
+        while scraped(gunicorn.url + "/metrics")[IN_FLIGHT] != 1.0:
             assert time.monotonic() < deadline, "the stalled upload never counted as in flight"
             time.sleep(0.1)
 
@@ -355,7 +352,7 @@ def test_a_killed_workers_regions_are_freed_and_unregistered(gateway_stack, hopp
         (new_worker,) = respawned
         worker_pids.append(new_worker)
         stalled.close()
-        assert _in_flight(gunicorn.url) == 0.0
+        assert scraped(gunicorn.url + "/metrics")[IN_FLIGHT] == 0.0
         assert set(registered(triton_url, dead_prefix)) == dead_regions  # Triton still maps the freed memory
 
         assert post().status_code == 200  # the new worker's first registration sweeps the orphans

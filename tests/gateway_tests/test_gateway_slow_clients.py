@@ -12,11 +12,10 @@ import time
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.client_timeout import ReadTimeoutLogFilter, read_timed_out
 from gateway.openapi import openapi_document
-from gateway_helpers import children, documented_examples, json_shape, schema_validator
+from gateway_helpers import children, documented_examples, json_shape, sample_sum, schema_validator, scraped
 
 pytestmark = pytest.mark.triton
 
@@ -57,10 +56,7 @@ def _until_closed(sock: socket.socket) -> bytes:
 
 
 def _errors_counted(url: str, code: str) -> float:
-    text = requests.get(url + "/metrics", timeout=10).text
-    return sum(sample.value for family in text_string_to_metric_families(text) if family.name == "gateway_errors"
-               for sample in family.samples
-               if sample.name == "gateway_errors_total" and sample.labels.get("code") == code)
+    return sample_sum(scraped(url + "/metrics"), "gateway_errors_total", code=code)
 
 
 def test_clients_stalled_mid_request_are_cut_off_and_the_gateway_keeps_serving(strict_gateway, hopper_jpeg):

@@ -10,16 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+from gateway_helpers import sample_sum, scraped
 from prometheus_client.mmap_dict import MmapedDict
-from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.triton
 
 
 def _requests_total(url: str) -> float:
-    text = requests.get(url + "/metrics").text
-    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-               if sample.name == "flask_http_request_total")  # 0 before the first request: no series yet
+    return sample_sum(scraped(url + "/metrics"), "flask_http_request_total")  # 0 before the first request
 
 
 def _per_worker_requests(directory) -> dict[str, float]:
