@@ -83,6 +83,13 @@ def _levels(text: str) -> list[int]:
     return [] if text.strip().lower() in ("", "none", "0") else bench_triton.parse_concurrency(text)
 
 
+def _at_least_one(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
 def _transports(text: str) -> list[str]:
     """The transports to sweep, the gateway's default first: its figures are the `gateway` layer."""
     from gateway.settings import SHARED_MEMORY_CHOICES
@@ -114,7 +121,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--gateway-budget-s", type=float, help="budget of the gateway sweep (default 100)")
     parser.add_argument("--gateway-duration", type=int, help="wrk seconds per level (default 10)")
     parser.add_argument("--gateway-warmup", type=int, default=2, help="unmeasured wrk seconds first (default 2)")
-    parser.add_argument("--paired-passes", type=int,
+    parser.add_argument("--paired-passes", type=_at_least_one,
                         help="passes over the image set for the gateway's paired c=1 breakdown (default 10)")
     parser.add_argument("--measurement-interval-ms", type=int, help="perf_analyzer window (default 2500)")
     parser.add_argument("--workers", type=int, help="gunicorn workers (default: the gateway's own default)")
@@ -170,18 +177,17 @@ def run(args: argparse.Namespace, *, server=None, out: Callable[[str], None] = p
 
     variants = REFERENCE_VARIANTS[: 1 if args.reference_defaults_only else None]
     each_s = args.reference_duration / len(variants)
-    # The last variant (the ceiling the targets use) is measured in slices, one before each server level, when
-    # there are server levels: the ceiling and the servers then see the same minutes of the machine.
+    # When there are server levels, every variant (the faster is the ceiling the targets use) is measured in
+    # slices, one beside each server level: the ceiling and the servers then see the same minutes of the machine.
     interleaved = servers and bool(args.concurrency) and (
         not args.skip_gateway or (not args.skip_triton and ENSEMBLE in models))
     progress.begin("in-process reference", f"{len(variants)} ONNX Runtime configurations x {each_s:g} s, "
-                                           "one frame per call" + (f"; {variants[-1][0]} in slices between the "
-                                                                   "server levels" if interleaved else ""))
+                                           "one frame per call" + ("; in slices between the server levels"
+                                                                   if interleaved else ""))
     meters = {name: bench_reference.ReferenceMeter(spinning=spinning, repository=args.model_repository)
               for name, spinning in variants}
-    ceiling = list(meters.values())[-1]
-    for name, meter in meters.items():
-        if not (interleaved and meter is ceiling):
+    if not interleaved:
+        for meter in meters.values():
             meter.measure(each_s)
             meter.close()
             progress.log(bench_reference.summary(meter.document()).splitlines()[0])
@@ -226,15 +232,17 @@ def run(args: argparse.Namespace, *, server=None, out: Callable[[str], None] = p
                 progress.begin("Triton direct (perf_analyzer, gRPC) and gateway (wrk, HTTP), level by level",
                                f"c={','.join(map(str, args.concurrency))}")
             for index, level in enumerate(args.concurrency):
-                steps = ([lambda level=level: _reference_slice(ceiling, each_s / len(args.concurrency), level,
-                                                               progress)] if interleaved else []) + (
+                steps = ([lambda level=level: [_reference_slice(meter, each_s / len(args.concurrency), level,
+                                                                progress) for meter in meters.values()]]
+                         if interleaved else []) + (
                     [lambda level=level: triton_sweep.level(ENSEMBLE, level)] if ensemble else []) + [
                     lambda level=level, sweep=sweep: sweep.level(level) for sweep in gateway_sweeps]
                 for step in steps[::-1] if index % 2 else steps:
                     step()
             if interleaved:
-                ceiling.close()
-                progress.log(bench_reference.summary(ceiling.document()).splitlines()[0])
+                for meter in meters.values():
+                    meter.close()
+                    progress.log(bench_reference.summary(meter.document()).splitlines()[0])
             while gateway_sweeps:  # stops each gunicorn
                 gateways.append(gateway_sweeps.pop(0).finish())
             if triton_sweep and triton_sweep.pending():

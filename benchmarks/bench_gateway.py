@@ -55,6 +55,8 @@ LEVEL_OVERHEAD_S = 1.0  # wrk start-up, Triton statistics before/after
 START_TIMEOUT_S = 60.0
 ENDPOINT = "/v1/detect"
 MIN_DURATION_S = 1
+DIRECT_REGION_PREFIX = "facemask-bench-direct-"  # the paired direct client's shared-memory region (and /dev/shm key)
+DIRECT_TIMEOUT_S = 30.0  # a wedged Triton fails the paired measurement instead of hanging the run
 
 
 class GatewayBenchError(RuntimeError):
@@ -219,20 +221,22 @@ SERVER_TIMING = re.compile(r"(?P<stage>[\w-]+);dur=(?P<ms>[\d.]+)")
 
 
 def timing_breakdown(base_url: str, bodies: list[dict], passes: int = 2, images: dict | None = None,
-                     grpc_url: str | None = None) -> dict:
+                     grpc_url: str | None = None, shared_memory: bool = False) -> dict:
     """One client, one request at a time: the gateway's Server-Timing stages (decode, inference, total).
 
     With `images` and `grpc_url`, each gateway request is paired with the same frame sent straight to
-    Triton over gRPC (tritonclient, as the gateway calls it), just before it on even passes and just after
+    Triton over gRPC (tritonclient, as the gateway calls it, its pixels through a shared-memory region when
+    `shared_memory`, as the gateway under test sends them), just before it on even passes and just after
     it on odd ones, so neither half always follows the other: `paired_added_p50_ms` (the median of the
     per-pair differences, with a bootstrap 95% interval) is the gateway's own cost, HTTP + JPEG decode +
-    Flask, measured with the least drift. Checks every answer is a 200 with at least one detection (each
-    frame shows a face), so a broken stack fails before the sweep.
+    Flask, measured with the least drift and with no transport advantage on either side. Checks every
+    answer is a 200 with at least one detection (each frame shows a face), so a broken stack fails before
+    the sweep.
     """
     host, port = base_url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
-    direct = _DirectClient(grpc_url) if images is not None and grpc_url else None
-    frames = list(images.values()) if direct else []
+    frames = list(images.values()) if images is not None and grpc_url else []
+    direct = _DirectClient(grpc_url, max(frame.nbytes for frame in frames) if shared_memory else 0) if frames else None
     stages: dict[str, list[float]] = {}
     client_ms, direct_ms, faces = [], [], 0
     try:
@@ -272,6 +276,7 @@ def timing_breakdown(base_url: str, bodies: list[dict], passes: int = 2, images:
     result = {"requests": len(client_ms), "faces_per_image": round(faces / len(client_ms), 3), "p50_ms": p50}
     if direct_ms:
         result["direct_grpc_p50_ms"] = round(float(np.median(direct_ms)), 2)
+        result["direct_transport"] = "system" if shared_memory else "off"
         added = np.array(client_ms) - np.array(direct_ms)
         result["paired_added_p50_ms"] = round(float(np.median(added)), 2)
         result["paired_added_p50_ci95_ms"] = [round(bound, 2) for bound in median_interval(added)]
@@ -287,26 +292,50 @@ def median_interval(samples: np.ndarray, resamples: int = 2000, seed: int = 0) -
 
 
 class _DirectClient:
-    """The same call the gateway makes (tritonclient gRPC, one frame, all outputs), timed from outside."""
+    """The same call the gateway makes (tritonclient gRPC, one frame, all outputs), timed from outside.
 
-    def __init__(self, grpc_url: str):
+    `region_bytes` > 0: the pixels go through a system shared-memory region of that size, copied in within the
+    timed call as the gateway copies them, so the pairing compares like with like.
+    """
+
+    def __init__(self, grpc_url: str, region_bytes: int = 0):
         import tritonclient.grpc as grpcclient
+
+        from gateway.shared_memory import Region
 
         self._grpc = grpcclient
         self._client = grpcclient.InferenceServerClient(grpc_url)
         self._outputs = [grpcclient.InferRequestedOutput(name)
                          for name in ("BOXES", "SCORES", "LABELS", "LABEL_SCORES", "NUM_DETECTIONS")]
+        self._region = None
+        if region_bytes:
+            self._region = Region(f"{DIRECT_REGION_PREFIX}{os.getpid()}", region_bytes)
+            try:
+                self._region.register(self._client)
+            except BaseException:
+                self._region.destroy()
+                raise
 
     def infer_ms(self, frame: np.ndarray) -> float:
         began = time.perf_counter()
         batch = np.ascontiguousarray(frame[np.newaxis])
         tensor = self._grpc.InferInput("IMAGE", list(batch.shape), "UINT8")
-        tensor.set_data_from_numpy(batch)
-        self._client.infer(ENSEMBLE, [tensor], outputs=self._outputs)
+        if self._region is None:
+            tensor.set_data_from_numpy(batch)
+        else:
+            self._region.write(batch)
+            tensor.set_shared_memory(self._region.name, batch.nbytes)
+        self._client.infer(ENSEMBLE, [tensor], outputs=self._outputs, client_timeout=DIRECT_TIMEOUT_S)
         return (time.perf_counter() - began) * 1e3
 
     def close(self) -> None:
-        self._client.close()
+        try:
+            if self._region is not None:
+                self._client.unregister_system_shared_memory(self._region.name)
+        finally:
+            if self._region is not None:
+                self._region.destroy()
+            self._client.close()
 
 
 def parse_wrk(output: str) -> dict:
@@ -444,9 +473,11 @@ class GatewaySweep:
                                                                       *self.concurrency),
                         settings.warmup_s, settings, self.wrk_log)
             timing = self.document["server_timing_c1"] = timing_breakdown(
-                gateway.url, self.bodies, passes=settings.paired_passes, images=self.images, grpc_url=server.grpc_url)
+                gateway.url, self.bodies, passes=settings.paired_passes, images=self.images, grpc_url=server.grpc_url,
+                shared_memory=self.transport == "system")
             p50 = timing["p50_ms"]
-            self.log(f"{self.label} c=1 paired with direct gRPC ({timing['requests']} pairs): adds "
+            self.log(f"{self.label} c=1 paired with direct gRPC [{TRANSPORT_LABELS[timing['direct_transport']]}] "
+                     f"({timing['requests']} pairs): adds "
                      f"{timing.get('paired_added_p50_ms')} ms p50 (decode {p50.get('decode')} ms, "
                      f"Flask and the rest {p50.get('flask_other')} ms, Triton call {p50.get('inference')} ms "
                      f"vs direct {timing.get('direct_grpc_p50_ms')} ms)")

@@ -43,6 +43,7 @@ SCHEMA = "facemask.bench.triton/1"
 RUN_OVERHEAD_S = 2.0  # perf_analyzer start-up, reading the input JSON, connecting, draining the last window
 MIN_TRIALS = 3  # perf_analyzer judges stability over the last 3 windows
 UNSTABLE = "Failed to obtain stable measurement"
+WARM_UP_TIMEOUT_S = 60.0  # per request: a first inference can be slow, a wedged one must not hang the run
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ def warm_up(grpc_url: str, model: str, requests: Sequence[Mapping[str, np.ndarra
                 tensor = grpcclient.InferInput(name, list(batch.shape), np_to_triton_dtype(batch.dtype))
                 tensor.set_data_from_numpy(batch)
                 inputs.append(tensor)
-            client.infer(model, inputs)
+            client.infer(model, inputs, client_timeout=WARM_UP_TIMEOUT_S)  # a wedged model fails, not hangs
 
 
 def describe_requests(requests: Sequence[Mapping[str, np.ndarray]]) -> dict:

@@ -46,22 +46,44 @@ def register_logging(app: Flask, settings: Settings) -> None:
 class Throttled:
     """Logs a message at most once per `interval_s` for each key, saying how many it held back in between.
 
-    For failures that arrive with every request (Triton down): one line per request would bury the log.
+    For failures that arrive with every request (Triton down): one line per request would bury the log. What was
+    held back is reported by the next failure after the interval, or by `settle` once the failures have stopped.
     """
 
     def __init__(self, logger: logging.Logger, interval_s: float, clock: Callable[[], float] = time.monotonic):
         self.logger, self.interval_s, self._clock = logger, interval_s, clock
         self._lock = threading.Lock()
-        self._last: dict[str, tuple[float, int]] = {}  # key -> (when last logged, how many held back since)
+        # key -> (when last logged, how many held back since, the message and its arguments)
+        self._last: dict[str, tuple[float, int, str, tuple]] = {}
 
     def warning(self, key: str, message: str, *args) -> None:
         now = self._clock()
         with self._lock:
-            logged_at, held = self._last.get(key, (None, 0))
+            logged_at, held, _, _ = self._last.get(key, (None, 0, "", ()))
             if logged_at is not None and now - logged_at < self.interval_s:
-                self._last[key] = (logged_at, held + 1)
+                self._last[key] = (logged_at, held + 1, message, args)
                 return
-            self._last[key] = (now, 0)
+            self._last[key] = (now, 0, message, args)
+        self._log(message, args, held, now - logged_at if held else 0.0)
+
+    def settle(self) -> None:
+        """Called on a success: keys whose interval is over are forgotten, and what they held back is logged.
+
+        Without it the size of an outage shorter than the interval would never reach the log. Cheap when nothing
+        failed: one look at an empty dict.
+        """
+        if not self._last:
+            return
+        now = self._clock()
+        with self._lock:
+            over = [(key, entry) for key, entry in self._last.items() if now - entry[0] >= self.interval_s]
+            for key, _ in over:
+                del self._last[key]
+        for _, (logged_at, held, message, args) in over:
+            if held:
+                self._log(message, args, held, now - logged_at)
+
+    def _log(self, message: str, args: tuple, held: int, over_s: float) -> None:
         if held:
-            message += f" ({held} more like it in the last {now - logged_at:.0f} s)"
+            message += f" ({held} more like it in the last {over_s:.0f} s)"
         self.logger.warning(message, *args)

@@ -125,6 +125,7 @@ class TritonDetector:
                 span.record_exception(error)
                 raise
             set_rpc_status(span, "OK")
+        _failures.settle()
         count = int(result.as_numpy("NUM_DETECTIONS").reshape(-1)[0])
         labels = result.as_numpy("LABELS").reshape(-1)[:count]
         return ModelDetections(

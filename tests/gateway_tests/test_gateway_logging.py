@@ -75,6 +75,29 @@ def test_repeated_failures_are_logged_once_per_interval_with_a_count(caplog):
     ]
 
 
+def test_failures_held_back_are_reported_once_calls_succeed_again(caplog):
+    """A short outage ends before the next interval: the first success after it reports what was held back, once;
+    successes inside the interval report nothing yet, and a later outage's first failure is logged at once."""
+    clock = _Clock()
+    throttled = Throttled(logging.getLogger("test.throttled"), 10.0, clock)
+    with caplog.at_level(logging.WARNING, logger="test.throttled"):
+        throttled.settle()  # nothing failed: nothing to say
+        for _ in range(4):
+            throttled.warning("UNAVAILABLE", "triton infer failed: status=%s", "UNAVAILABLE")
+            clock.now += 0.5
+        throttled.settle()  # 2 s after the first failure: still inside its interval
+        clock.now += 8.5
+        throttled.settle()
+        throttled.settle()
+        clock.now += 60
+        throttled.warning("UNAVAILABLE", "triton infer failed: status=%s", "UNAVAILABLE")
+    assert [record.getMessage() for record in caplog.records] == [
+        "triton infer failed: status=UNAVAILABLE",
+        "triton infer failed: status=UNAVAILABLE (3 more like it in the last 10 s)",
+        "triton infer failed: status=UNAVAILABLE",
+    ]
+
+
 def test_json_lines_carry_the_ids_and_keep_a_traceback_inside_the_line():
     record = logging.LogRecord("gateway.errors", logging.ERROR, __file__, 1, "failed %s", ("here",), None)
     record.request_id, record.trace_id, record.span_id = "client-42", "ab" * 16, "-"
