@@ -19,4 +19,8 @@ RUN python3 -m pip install --no-cache-dir --no-deps . \
         "tritonclient[grpc]==2.51.0" \
  && python3 -c "import cupy, ensemble.postprocess, ensemble.preprocess, ensemble.triton.config"
 
+# trt_engine_cache_path in the model configs is /tmp/trt_cache/<model>: ONNX Runtime creates the last folder
+# only, so the parent must exist even where no volume is mounted there (a plain `docker run`).
+RUN mkdir -p /tmp/trt_cache
+
 EXPOSE 8000 8001 8002

@@ -1,7 +1,8 @@
 """`python -m ensemble.build`: fetch the pinned weights, export both ONNX models, verify them.
 
-Idempotent: each exported model carries a stamp of what it was built from (weights and
-exporter source); a model whose stamp matches is left alone. Files another model reads (the
+Idempotent: each exported model carries a stamp of what it was built from (weights, exporter
+source and the config.pbtxt it was verified against), written only once it passed that check; a
+model whose stamp matches is left alone. Files another model reads (the
 detector's priors, for postprocess) are copied into that model's folder whenever they differ.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ensemble.triton.config import load_config
 from ensemble.weights import WeightFiles, fetch_weights, sha256_of
 
 STAMP_FILE = ".build.json"
+CONFIG_FILE = "config.pbtxt"
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -51,13 +53,15 @@ SHARED_SOURCES = (PACKAGE_DIR / "export" / "onnx_io.py", PACKAGE_DIR / "layouts.
 COPIES = ((DETECTOR_PRIORS, "postprocess/1/priors.npy"),)
 
 
-def fingerprint(build: ModelBuild, weights: WeightFiles) -> str:
-    """Digest of everything the model is a function of."""
+def fingerprint(build: ModelBuild, weights: WeightFiles, repository: Path) -> str:
+    """Digest of everything the model is a function of, and of the config.pbtxt `verify` checked it against."""
     digest = hashlib.sha256()
     for path in build.weights(weights):
         digest.update(sha256_of(path).encode())
     for path in (*build.sources, *SHARED_SOURCES):
         digest.update(path.read_bytes())
+    config = repository / build.name / CONFIG_FILE
+    digest.update(config.read_bytes() if config.is_file() else b"no config.pbtxt")
     return digest.hexdigest()
 
 
@@ -74,9 +78,13 @@ def is_current(model_dir: Path, expected: str) -> bool:
 def verify(repository: Path, name: str) -> str:
     """Load the model in ONNX Runtime, run a batch of 2, and check its I/O against config.pbtxt."""
     config = load_config(repository / name)
-    session = ort.InferenceSession(str(repository / name / MODEL_FILE), providers=["CPUExecutionProvider"])
-    inputs = {i.name: np.zeros((2, *i.dims), dtype=np.float32) for i in config.input}
-    outputs = session.run([o.name for o in config.output], inputs)
+    try:
+        session = ort.InferenceSession(str(repository / name / MODEL_FILE), providers=["CPUExecutionProvider"])
+        inputs = {i.name: np.zeros((2, *i.dims), dtype=np.float32) for i in config.input}
+        outputs = session.run([o.name for o in config.output], inputs)
+    except Exception as exc:  # onnxruntime's own exception types (Fail, InvalidArgument...) share no base with ours
+        raise onnx_io.ExportError(f"{name}: ONNX Runtime could not load or run it as config.pbtxt says: {exc}") \
+            from exc
     for spec, array in zip(config.output, outputs):
         if tuple(array.shape) != (2, *spec.dims):
             raise onnx_io.ExportError(f"{name}: output {spec.name} has shape {array.shape}, "
@@ -92,18 +100,18 @@ def build(repository: Path = DEFAULT_REPOSITORY, force: bool = False, log=print)
     exported = []
     for model in BUILDS:
         model_dir = repository / model.name / "1"
-        expected = fingerprint(model, weights)
+        expected = fingerprint(model, weights, repository)
         if not force and is_current(model_dir, expected):
             log(f"{model.name}: up to date")
             copy_shared_files(repository, log, model.name)
             continue
         started = time.perf_counter()
         report = model.export(*model.weights(weights), model_dir)
+        log(f"{model.name}: exported to {model_dir / 'model.onnx'} in {time.perf_counter() - started:.1f}s {report}")
+        log(verify(repository, model.name))  # before the stamp: a model that fails it is exported again next time
         written = sorted(path.name for path in model_dir.iterdir() if path.is_file() and path.name != STAMP_FILE)
         onnx_io.write_atomically(model_dir / STAMP_FILE, json.dumps(
             {"fingerprint": expected, "files": written, **report}, default=str).encode())
-        log(f"{model.name}: exported to {model_dir / 'model.onnx'} in {time.perf_counter() - started:.1f}s {report}")
-        log(verify(repository, model.name))
         exported.append(model.name)
         copy_shared_files(repository, log, model.name)  # at once: a later model's failed export leaves no stale copy
     return exported

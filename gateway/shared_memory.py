@@ -114,7 +114,12 @@ class RegionPool:
         # A region joins the pool only once registered: until then a concurrent register_again (Triton restarted)
         # must not register it, or this registration would fail as a duplicate.
         try:
-            region = Region(name, self.byte_size)
+            try:
+                region = Region(name, self.byte_size)
+            except shm.SharedMemoryException as error:  # no usable /dev/shm here (read-only, missing)
+                self.available = False
+                raise SharedMemoryUnavailable(f"cannot create a shared-memory region here: {error.__cause__ or error}") \
+                    from None
             try:
                 self._register(region)
             except BaseException:
@@ -128,6 +133,28 @@ class RegionPool:
                 self._creating -= 1
 
     def _register(self, region: Region) -> None:
+        self._register_or_give_up(region)
+        if not self._swept:  # Triton mapped our region, so its /dev/shm is ours: a missing file is an orphan
+            self._swept = True
+            self.unregister_orphans()
+
+    def register_again(self) -> None:
+        """After a Triton restart: register every region of this process again (Triton forgets them).
+
+        A Triton that comes back unable to open them (a container restarted with a /dev/shm of its own) makes this
+        worker send inline from then on, as at a first registration.
+        """
+        with self._lock:
+            regions = list(self._all)
+        for region in regions:
+            try:
+                self._register_or_give_up(region)
+            except InferenceServerException as error:
+                if "already" not in (error.message() or "").lower():  # another thread got there first
+                    raise
+
+    def _register_or_give_up(self, region: Region) -> None:
+        """Register `region`; Triton unable to map it makes the pool unavailable (SharedMemoryUnavailable)."""
         try:
             region.register(self.client)
         except InferenceServerException as error:
@@ -135,20 +162,6 @@ class RegionPool:
                 self.available = False
                 raise SharedMemoryUnavailable(error.message()) from None
             raise
-        if not self._swept:  # Triton mapped our region, so its /dev/shm is ours: a missing file is an orphan
-            self._swept = True
-            self.unregister_orphans()
-
-    def register_again(self) -> None:
-        """After a Triton restart: register every region of this process again (Triton forgets them)."""
-        with self._lock:
-            regions = list(self._all)
-        for region in regions:
-            try:
-                region.register(self.client)
-            except InferenceServerException as error:
-                if "already" not in (error.message() or "").lower():  # another thread got there first
-                    raise
 
     def unregister_orphans(self) -> None:
         """Unregister gateway regions Triton still holds whose memory is gone (a worker that was killed)."""

@@ -53,16 +53,88 @@ def test_a_changed_fingerprint_makes_a_model_stale(model_repository, tmp_path):
     weights = fetch_weights()
     for model in BUILDS:
         model_dir = model_repository / model.name / "1"
-        assert is_current(model_dir, fingerprint(model, weights))
+        assert is_current(model_dir, fingerprint(model, weights, model_repository))
         copy = tmp_path / model.name
         copy.mkdir()
         shutil.copy(model_dir / "model.onnx", copy)
         stamp = json.loads((model_dir / STAMP_FILE).read_text())
         (copy / STAMP_FILE).write_text(json.dumps({**stamp, "fingerprint": "0" * 64}))
-        assert not is_current(copy, fingerprint(model, weights))
+        assert not is_current(copy, fingerprint(model, weights, model_repository))
         (copy / "model.onnx").unlink()
         (copy / STAMP_FILE).write_text(json.dumps(stamp))
-        assert not is_current(copy, fingerprint(model, weights))
+        assert not is_current(copy, fingerprint(model, weights, model_repository))
+
+
+def test_exported_models_declare_an_ir_version_triton_s_onnx_runtime_loads(model_repository):
+    """Left to the onnx package the IR version is its newest (14 with onnx 1.23); Triton 24.10's onnxruntime
+    backend (ONNX Runtime 1.19) refuses anything above 10, so no ONNX model would load in the compose stack."""
+    import onnx
+
+    from ensemble.export.onnx_io import IR_VERSION, OPSET
+
+    assert IR_VERSION <= 10
+    for model in BUILDS:
+        exported = onnx.load(str(model_repository / model.name / "1" / "model.onnx"), load_external_data=False)
+        assert exported.ir_version == IR_VERSION, model.name
+        assert [(entry.domain, entry.version) for entry in exported.opset_import] == [("", OPSET)], model.name
+
+
+def test_a_model_with_another_ir_version_is_not_written(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from ensemble.export.onnx_io import save_model
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])  # the onnx package's newest IR
+    assert model.ir_version == onnx.IR_VERSION
+    with pytest.raises(ExportError, match="IR version"):
+        save_model(model, tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_an_edited_config_pbtxt_makes_its_model_stale(model_repository, tmp_path):
+    """`verify` checked the model against config.pbtxt: a changed config must be checked again."""
+    weights = fetch_weights()
+    model = BUILDS[0]
+    (tmp_path / model.name).mkdir()
+    config = (model_repository / model.name / "config.pbtxt").read_text()
+    (tmp_path / model.name / "config.pbtxt").write_text(config)
+    assert fingerprint(model, weights, tmp_path) == fingerprint(model, weights, model_repository)
+    (tmp_path / model.name / "config.pbtxt").write_text(config.replace("max_batch_size: 16", "max_batch_size: 8"))
+    assert fingerprint(model, weights, tmp_path) != fingerprint(model, weights, model_repository)
+
+
+def test_a_model_that_fails_its_check_gets_no_stamp_and_is_exported_again(model_repository, tmp_path, monkeypatch):
+    """The stamp is written after `verify`: a model whose outputs disagree with config.pbtxt is not taken as up to
+    date by the next build."""
+    import ensemble.build as build_module
+
+    detector = next(model for model in BUILDS if model.name == "face_detector")
+    monkeypatch.setattr(build_module, "BUILDS", (detector,))
+    config = (model_repository / "face_detector" / "config.pbtxt").read_text()
+    assert "dims: [ 8892, 4 ]" in config
+    (tmp_path / "face_detector").mkdir()
+    (tmp_path / "face_detector" / "config.pbtxt").write_text(config.replace("dims: [ 8892, 4 ]", "dims: [ 100, 4 ]"))
+    for _ in range(2):  # the second build exports again: nothing said the first one was good
+        said: list[str] = []
+        with pytest.raises(ExportError, match=r"output loc has shape \(2, 8892, 4\), config.pbtxt says"):
+            build(tmp_path, log=said.append)
+        assert any(line.startswith("face_detector: exported to") for line in said)
+        assert not (tmp_path / "face_detector" / "1" / STAMP_FILE).exists()
+
+
+def test_a_model_onnx_runtime_cannot_load_is_an_export_error(model_repository, tmp_path):
+    from ensemble.build import verify
+
+    shutil.copytree(model_repository / "mask_classifier", tmp_path / "mask_classifier",
+                    ignore=shutil.ignore_patterns("1"))
+    (tmp_path / "mask_classifier" / "1").mkdir()
+    (tmp_path / "mask_classifier" / "1" / "model.onnx").write_bytes(b"not an onnx model")
+    with pytest.raises(ExportError, match="mask_classifier: ONNX Runtime could not load or run it"):
+        verify(tmp_path, "mask_classifier")
 
 
 def test_a_model_missing_a_file_its_export_wrote_is_stale(model_repository, tmp_path):
@@ -74,9 +146,9 @@ def test_a_model_missing_a_file_its_export_wrote_is_stale(model_repository, tmp_
         shutil.copy(model_dir / name, copy)
     stamp = json.loads((model_dir / STAMP_FILE).read_text())
     (copy / STAMP_FILE).write_text(json.dumps({**stamp, "files": ["model.onnx", "priors.npy"]}))
-    assert is_current(copy, fingerprint(model, weights))
+    assert is_current(copy, fingerprint(model, weights, model_repository))
     (copy / "priors.npy").unlink()  # the source of postprocess's copy
-    assert not is_current(copy, fingerprint(model, weights))
+    assert not is_current(copy, fingerprint(model, weights, model_repository))
 
 
 def test_the_command_reports_what_it_did(model_repository):

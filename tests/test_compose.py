@@ -15,6 +15,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_DIR = ROOT / "compose"
 COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yml"
+GPU_COMPOSE_FILE = COMPOSE_DIR / "docker-compose.gpu.yml"
 PROMETHEUS_CONFIG = COMPOSE_DIR / "prometheus" / "prometheus.yml"
 DATASOURCES = sorted((COMPOSE_DIR / "grafana" / "provisioning" / "datasources").glob("*.yml"))
 DASHBOARD_PROVIDERS = sorted((COMPOSE_DIR / "grafana" / "provisioning" / "dashboards").glob("*.yml"))
@@ -213,10 +214,37 @@ def test_published_ports_are_loopback_only(services):
             assert str(mapping).startswith("127.0.0.1:"), f"{name} publishes {mapping} on every interface"
 
 
-def test_triton_reserves_a_gpu_and_mounts_the_canonical_repository_read_only(services):
-    triton = services["triton"]
-    devices = triton["deploy"]["resources"]["reservations"]["devices"]
+def test_triton_gets_a_gpu_only_from_the_gpu_file(services):
+    """The main file runs on any Docker host (a GPU reservation fails where there is no NVIDIA runtime); the GPU
+    file adds one and nothing else."""
+    assert "deploy" not in services["triton"]
+    gpu = yaml.safe_load(GPU_COMPOSE_FILE.read_text())
+    assert set(gpu) == {"services"} and set(gpu["services"]) == {"triton"}
+    devices = gpu["services"]["triton"]["deploy"]["resources"]["reservations"]["devices"]
     assert any("gpu" in device["capabilities"] and device["driver"] == "nvidia" for device in devices)
+
+
+def test_the_images_built_here_are_never_pulled(services):
+    for name, service in services.items():
+        if "build" in service:
+            assert service.get("pull_policy") == "build", name
+
+
+def test_the_tensorrt_cache_folder_exists_in_the_triton_image(services):
+    """ONNX Runtime's TensorRT provider creates the cache folder's last component only."""
+    caches = {Path(value).parent.as_posix() for value in _trt_cache_paths()}
+    assert caches == {"/tmp/trt_cache"}
+    assert "RUN mkdir -p /tmp/trt_cache" in (COMPOSE_DIR / "triton.Dockerfile").read_text()
+    assert any(volume.endswith(":/tmp/trt_cache") for volume in services["triton"]["volumes"])
+
+
+def _trt_cache_paths() -> list[str]:
+    return re.findall(r'key: "trt_engine_cache_path", value: "([^"]+)"',
+                      "".join(path.read_text() for path in (ROOT / "model_repository").glob("*/config.pbtxt")))
+
+
+def test_triton_mounts_the_canonical_repository_read_only(services):
+    triton = services["triton"]
     mounts = {volume.split(":")[1]: volume for volume in triton["volumes"]}
     model_repository = flag(triton["command"], "model-repository")
     assert model_repository in mounts, "--model-repository is not the mounted repository"

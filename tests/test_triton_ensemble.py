@@ -166,11 +166,14 @@ def test_overrides_up_to_the_limits_are_served(client):
     assert found.labels.size == 1
 
 
-def test_an_image_without_pixels_is_the_callers_error(client):
+@pytest.mark.parametrize("shape, message", [((1, 0, 64, 3), "IMAGE is 64x0 pixels"),
+                                            ((0, 64, 64, 3), "for input 'IMAGE'")],  # refused by Triton's core
+                         ids=["no_rows", "empty_batch"])
+def test_an_image_without_pixels_is_the_callers_error(client, shape, message):
     with pytest.raises(InferenceServerException) as error:
-        client.infer(MODEL, [image_input(np.zeros((1, 0, 64, 3), np.uint8))])
+        client.infer(MODEL, [image_input(np.zeros(shape, np.uint8))])
     assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
-    assert "IMAGE is 64x0 pixels" in error.value.message()
+    assert message in error.value.message()
     assert client.is_server_ready()
 
 
@@ -231,6 +234,30 @@ def test_postprocess_serves_from_a_folder_of_its_own(model_repository, reference
             (found,) = detect(own_client, [IMAGES["astronaut"]])
     assert_same(found, reference_pipeline.detect(IMAGES["astronaut"]))
     assert "config.pbtxt is not readable from here" in log.read_text()
+
+
+def test_without_the_classifier_loaded_faces_fail_as_model_not_ready(model_repository, tmp_path):
+    """What `--model-control-mode=explicit --load-model=mask_detection` alone gives (Triton cannot see a BLS call's
+    target): the ensemble loads, an image without a face is answered, one with a face fails, and the gateway maps
+    that failure to 503 model_not_ready, not to a gateway fault."""
+    import shutil
+
+    from benchmarks.config_variant import make_variant
+    from ensemble.triton.launcher import TritonServer
+    from gateway.errors import ModelNotReady
+    from gateway.settings import Settings
+    from gateway.triton_client import translate_error
+
+    variant = make_variant(tmp_path / "variant", source=model_repository)
+    shutil.rmtree(variant / "mask_classifier")
+    with TritonServer(variant, ready_timeout=120, log_file=tmp_path / "tritonserver.log") as server:
+        with grpcclient.InferenceServerClient(server.grpc_url) as own_client:
+            (nothing,) = detect(own_client, [NO_FACE])
+            assert nothing.labels.size == 0
+            with pytest.raises(InferenceServerException) as error:
+                own_client.infer(MODEL, [image_input(IMAGES["astronaut"][None])])
+    assert "Model 'mask_classifier' is not ready" in error.value.message()
+    assert isinstance(translate_error(error.value, Settings()), ModelNotReady)
 
 
 def test_postprocess_refuses_to_load_labels_the_classifier_does_not_score(model_repository, tmp_path):

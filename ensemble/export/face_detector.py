@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ensemble.export.onnx_io import OPSET, ExportError, save_array, save_model
+from ensemble.export.onnx_io import IR_VERSION, OPSET, ExportError, save_array, save_model
 from ensemble.export.prototxt import Message, first, load_prototxt
 from ensemble.layouts import DETECTOR_INPUT, DETECTOR_OUTPUTS
 
@@ -72,7 +72,7 @@ class _Graph:
 
     def model(self, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, "res10_300x300_ssd", inputs, outputs, self.initializers)
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
                                  producer_name="ensemble.export.face_detector")
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ensemble.export.onnx_io import OPSET, ExportError, save_model
+from ensemble.export.onnx_io import IR_VERSION, OPSET, ExportError, save_model
 from ensemble.layouts import CLASSIFIER_INPUT, CLASSIFIER_LABELS, CLASSIFIER_OUTPUT
 
 MODEL_FILE = "model.onnx"
@@ -182,7 +182,7 @@ def _model(graph: OnnxGraph, keras: KerasModel) -> onnx.ModelProto:
     outputs = [helper.make_tensor_value_info(CLASSIFIER_OUTPUT, TensorProto.FLOAT,
                                              [BATCH_DIM, len(CLASSIFIER_LABELS)])]
     onnx_graph = helper.make_graph(graph.nodes, "mask_classifier", inputs, outputs, graph.initializers)
-    model = helper.make_model(onnx_graph, opset_imports=[helper.make_opsetid("", OPSET)],
+    model = helper.make_model(onnx_graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
                               producer_name="ensemble.export.mask_classifier")
     model.doc_string = f"Keras {keras.keras_version} MobileNetV2 mask classifier, converted with h5py"
     return model

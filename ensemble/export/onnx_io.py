@@ -9,6 +9,9 @@ import numpy as np
 import onnx
 
 OPSET = 17
+# Written explicitly: left to the installed onnx package it is that package's newest (14 with onnx 1.23), and the
+# ONNX Runtime inside Triton 24.10's onnxruntime backend (1.19) refuses any model above IR 10. 8 is opset 17's own.
+IR_VERSION = 8
 
 
 class ExportError(RuntimeError):
@@ -37,6 +40,9 @@ def write_atomically(path: Path, payload: bytes) -> None:
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:
     """Run onnx.checker (full check, with shape inference) and write the model atomically."""
+    if model.ir_version != IR_VERSION:
+        raise ExportError(f"{path}: the exported model has IR version {model.ir_version}, not {IR_VERSION}: "
+                          "Triton's ONNX Runtime may refuse it")
     try:
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as exc:

@@ -103,13 +103,14 @@ def assert_same_detections(got, want) -> None:
     np.testing.assert_allclose(got.scores, want.scores, rtol=0, atol=1e-5)
 
 
-def detect_in_private_shm(triton_url: str, image: np.ndarray, tmp_path) -> tuple[dict, str]:
-    """Run PRIVATE_SHM_CHILD: (its JSON answer, its stderr)."""
+def detect_in_private_shm(triton_url: str, image: np.ndarray, tmp_path, mount_options: str = "rw") -> tuple[dict, str]:
+    """Run PRIVATE_SHM_CHILD with a fresh tmpfs at /dev/shm mounted with `mount_options`: (its JSON answer, its
+    stderr)."""
     image_path = tmp_path / "image.npy"
     np.save(image_path, image)
     env = {key: value for key, value in os.environ.items() if key not in INHERITED_OBSERVABILITY_VARIABLES}
     done = subprocess.run(
-        ["unshare", "--mount", "sh", "-c", 'mount -t tmpfs tmpfs /dev/shm && exec "$0" "$@"',
+        ["unshare", "--mount", "sh", "-c", f'mount -t tmpfs -o {mount_options} tmpfs /dev/shm && exec "$0" "$@"',
          sys.executable, "-c", PRIVATE_SHM_CHILD, triton_url, str(image_path)],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -282,6 +283,53 @@ def test_a_gateway_whose_shared_memory_triton_cannot_map_sends_inline(triton_url
         assert labels == want.labels
         np.testing.assert_allclose(np.array(boxes, np.float32).reshape(-1, 4), want.boxes, rtol=0, atol=1e-3)
     assert stderr.count(INLINE_WARNING) == 1, stderr  # found out once, not per request
+
+
+@live
+def test_a_gateway_that_cannot_create_regions_sends_inline(triton_url, inline_detector, real_images, tmp_path):
+    """A /dev/shm this process cannot write (mounted read-only, as some hardened containers have it): every request
+    works, sent inline, with one warning; it used to be a 500 per request."""
+    image = real_images["grace_hopper"]
+    want = inline_detector.detect(image)
+    answer, stderr = detect_in_private_shm(triton_url, image, tmp_path, mount_options="ro")
+    assert answer["available"] is False
+    assert answer["faces"] == [len(want.labels)] * 2 and answer["labels"] == [want.labels] * 2
+    assert stderr.count(INLINE_WARNING) == 1, stderr
+    assert "cannot create a shared-memory region here" in stderr and "Read-only file system" in stderr
+
+
+@live
+def test_a_triton_that_comes_back_unable_to_map_the_regions_gets_pixels_inline(triton_url, inline_detector,
+                                                                               real_images):
+    """Triton restarted in a container with a /dev/shm of its own (compose's `ipc: shareable` after a restart): it
+    has forgotten the regions and cannot open them again. The next request falls back to inline, not an error,
+    and so does every later one. Made real by taking the region files out of Triton's sight while it forgets the
+    registrations, then putting them back for the clean-up."""
+    image = real_images["grace_hopper"]
+    want = inline_detector.detect(image)
+    detector = TritonDetector(Settings(triton_url=triton_url))
+    pool = detector._regions
+    moved = []
+    try:
+        assert_same_detections(detector.detect(image), want)
+        names = set(registered(triton_url, pool.prefix))
+        assert names
+        with grpcclient.InferenceServerClient(triton_url) as admin:
+            for name in names:
+                admin.unregister_system_shared_memory(name)
+        for path in region_files(pool.prefix):
+            os.rename(path, path + ".elsewhere")
+            moved.append(path)
+        for _ in range(2):
+            with captured_spans() as spans:
+                assert_same_detections(detector.detect(image), want)
+            assert transports(spans) == ["grpc"]
+        assert pool.available is False and registered(triton_url, pool.prefix) == {}
+    finally:
+        for path in moved:
+            os.rename(path + ".elsewhere", path)
+        detector.close()
+    assert region_files(pool.prefix) == []
 
 
 @live
