@@ -9,22 +9,30 @@ from __future__ import annotations
 
 from flask import Flask, request
 
+from gateway.client_timeout import stop_reading
 from gateway.settings import Settings
 
 CHUNK_BYTES = 64 * 1024
 
 
 def drain_request_body(limit_bytes: int) -> None:
-    """Discard the unread rest of this request's body, unless it is (or turns out) larger than `limit_bytes`."""
+    """Discard the unread rest of this request's body, unless it is (or turns out) larger than `limit_bytes`.
+
+    A body that stalls past the read timeout or breaks off (a chunk cut short) ends the draining, not the answer
+    already decided: the connection closes after it instead of carrying another request.
+    """
     declared = request.content_length
     if declared is not None and declared > limit_bytes:
         return
     stream, drained = request.environ["wsgi.input"], 0
-    while drained <= limit_bytes:
-        chunk = stream.read(CHUNK_BYTES)
-        if not chunk:
-            return
-        drained += len(chunk)
+    try:
+        while drained <= limit_bytes:
+            chunk = stream.read(CHUNK_BYTES)
+            if not chunk:
+                return
+            drained += len(chunk)
+    except Exception:  # noqa: BLE001 - the server's read errors (timeouts, gunicorn's NoMoreData...) share no base
+        stop_reading(request.environ)
 
 
 def register_body_drain(app: Flask, settings: Settings) -> None:

@@ -32,23 +32,34 @@ class DetectParams:
 PARAMETER_NAMES = tuple(field.name for field in fields(DetectParams))
 
 
+SHOWN_CHARACTERS = 64  # of a caller's value quoted in an error message
+
+
+def _shown(raw: str) -> str:
+    """The caller's value as an error message quotes it: cut short, so a huge value makes no huge answer or log."""
+    return repr(raw) if len(raw) <= SHOWN_CHARACTERS else f"{raw[:SHOWN_CHARACTERS]!r}..."
+
+
 def _unit_interval(name: str, raw: str) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise InvalidParameter(f"{name} must be a number in (0, 1], got {raw!r}") from None
+        raise InvalidParameter(f"{name} must be a number in (0, 1], got {_shown(raw)}") from None
     if not math.isfinite(value) or not 0.0 < value <= 1.0:
-        raise ParameterOutOfRange(f"{name} must be in (0, 1], got {raw!r}")
+        raise ParameterOutOfRange(f"{name} must be in (0, 1], got {_shown(raw)}")
     return value
 
 
 def _positive_int(name: str, raw: str, upper: int) -> int:
+    message = f"{name} must be an integer in [1, {upper}], got {_shown(raw)}"
     try:
         value = int(raw)
     except ValueError:
-        raise InvalidParameter(f"{name} must be an integer in [1, {upper}], got {raw!r}") from None
+        if raw.strip().lstrip("+-").isdigit():  # more digits than Python converts (4300): a number, far out of range
+            raise ParameterOutOfRange(message) from None
+        raise InvalidParameter(message) from None
     if not 1 <= value <= upper:
-        raise ParameterOutOfRange(f"{name} must be an integer in [1, {upper}], got {raw!r}")
+        raise ParameterOutOfRange(message)
     return value
 
 

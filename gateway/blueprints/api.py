@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 from flask import Blueprint, Response, g, jsonify, request
 from werkzeug.datastructures import FileStorage
+from werkzeug.exceptions import ClientDisconnected
 
 from gateway.after_response import after_response
 from gateway.annotate import draw_detections, encode_jpeg
@@ -95,6 +96,9 @@ def _single_upload() -> bytes:
     else:
         request.max_content_length = max_bytes
         data = request.get_data(cache=False)
+        if len(data) < request.content_length:  # the client shut its side early; the server hands over what came
+            raise ClientDisconnected(f"the body ended after {len(data)} of the {request.content_length} bytes its "
+                                     "Content-Length announced")
     if not data:
         raise EmptyBody("the request body is empty; send the image bytes")
     return data

@@ -90,6 +90,40 @@ def test_clients_stalled_mid_request_are_cut_off_and_the_gateway_keeps_serving(s
     assert f"a client sent nothing for {TIMEOUT_S} s in the middle of its request headers" in log
 
 
+@pytest.mark.parametrize("request_head", [
+    b"POST /v1/detect HTTP/1.1\r\nHost: gateway\r\nContent-Type: text/plain\r\nContent-Length: 100000\r\n\r\n",
+    b"POST /nowhere HTTP/1.1\r\nHost: gateway\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n",
+    b"POST /v1/detect HTTP/1.1\r\nHost: gateway\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"3e8\r\n",
+], ids=["wrong_type", "unknown_route", "chunked_wrong_type"])
+def test_a_body_refused_unread_that_stalls_keeps_its_answer(strict_gateway, request_head):
+    """The answer was decided before the body was read (415, 404); discarding the rest of a body that then stalls
+    must not turn it into a 500 counted as the gateway's own fault. The connection closes after the answer."""
+    internal_before = _errors_counted(strict_gateway.url, "internal_error")
+    sock = _connect(strict_gateway.port, request_head + b"x" * 1000)
+    answer = _until_closed(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    expected = b"HTTP/1.1 404" if b"/nowhere" in request_head else b"HTTP/1.1 415"
+    assert head.startswith(expected), answer[:300]
+    assert b"x-request-id:" in head.lower()
+    assert json.loads(body)["error"]["code"] in ("not_found", "unsupported_media_type")
+    assert _errors_counted(strict_gateway.url, "internal_error") == internal_before
+    assert requests.get(strict_gateway.url + "/healthz", timeout=60).status_code == 200
+
+
+def test_a_body_that_ends_before_its_content_length_is_a_bad_request(strict_gateway, hopper_jpeg):
+    """A whole JPEG announced as 5000 bytes longer, then the client's side shut: not a detection on what came."""
+    sock = _connect(strict_gateway.port, b"POST /v1/detect HTTP/1.1\r\nHost: gateway\r\nContent-Type: image/jpeg\r\n"
+                    + f"Content-Length: {len(hopper_jpeg) + 5000}\r\n\r\n".encode() + hopper_jpeg)
+    sock.shutdown(socket.SHUT_WR)
+    head, _, body = _until_closed(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), head
+    error = json.loads(body)["error"]
+    assert error["code"] == "bad_request"
+    assert error["message"] == (f"the body ended after {len(hopper_jpeg)} of the {len(hopper_jpeg) + 5000} bytes "
+                                "its Content-Length announced")
+
+
 def test_an_upload_that_keeps_arriving_is_not_cut_off(strict_gateway, hopper_jpeg):
     """The timeout is per read, not per request: a slow upload longer than TIMEOUT_S in all is served."""
     sock = _connect(strict_gateway.port, b"POST /v1/detect HTTP/1.1\r\nHost: gateway\r\nContent-Type: image/jpeg\r\n"

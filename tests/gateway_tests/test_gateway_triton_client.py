@@ -108,6 +108,16 @@ def test_bad_parameters_are_named(query, error):
         parse_detect_params(MultiDict(query))
 
 
+@pytest.mark.parametrize("value, error", [("9" * 5000, ParameterOutOfRange), ("x" * 5000, InvalidParameter)],
+                         ids=["more_digits_than_python_converts", "long_text"])
+def test_a_huge_value_is_judged_as_what_it_is_and_quoted_short(value, error):
+    """4300 digits is Python's int() limit: such a value is a number far out of range (422), not "not a number";
+    either way the message quotes 64 characters of it, not 5000."""
+    with pytest.raises(error) as raised:
+        parse_detect_params(MultiDict({"max_faces": value}))
+    assert str(raised.value) == f"max_faces must be an integer in [1, 1000], got {value[:64]!r}..."
+
+
 @pytest.mark.parametrize("query, mentions", [
     ([("confidense", "0.9")], "unknown parameter 'confidense'; the parameters are confidence, iou, max_faces"),
     ([("confidence", "0.9"), ("confidence", "0.2")], "confidence is given 2 times"),

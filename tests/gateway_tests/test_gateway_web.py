@@ -67,3 +67,23 @@ def test_upload_shows_boxes_and_json(browser, gateway_url, hopper_path, artifact
     screenshot = artifacts_dir / "gateway" / "web_page.png"
     assert browser.save_screenshot(str(screenshot))
     assert screenshot.stat().st_size > 10_000
+
+
+def test_a_file_the_browser_cannot_type_is_still_detected(browser, gateway_url, hopper_jpeg, tmp_path):
+    """A camera frame saved without an extension has no MIME type in the browser; the page sends it as a multipart
+    image part, which the API takes (as the raw body it would have been a 415)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    frame = tmp_path / "camera-frame"
+    frame.write_bytes(hopper_jpeg)
+    browser.get(gateway_url + "/")
+    WebDriverWait(browser, 20).until(lambda d: d.find_element(By.ID, "ready").get_attribute("class") == "ok")
+    assert browser.execute_script("return arguments[0].files", browser.find_element(By.ID, "file")) == []
+    browser.find_element(By.ID, "file").send_keys(str(frame))
+    WebDriverWait(browser, 60).until(lambda d: d.execute_script("return document.body.dataset.state") == "done"
+                                     or d.find_element(By.ID, "error").text)
+    assert browser.execute_script("return arguments[0].files[0].type", browser.find_element(By.ID, "file")) == ""
+    assert browser.find_element(By.ID, "error").text == ""
+    body = json.loads(browser.find_element(By.ID, "json").text)
+    assert [d["label"] for d in body["detections"]] == ["no_mask"]
