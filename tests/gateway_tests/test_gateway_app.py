@@ -1,5 +1,6 @@
 """The Flask app in process on the session's real tritonserver: answers, headers, errors, outage, trace context."""
 import io
+import threading
 from dataclasses import replace
 
 import cv2
@@ -213,6 +214,36 @@ def test_batch_fails_whole_when_triton_is_down(hopper_jpeg):
     ready = client.get("/readyz")
     assert ready.status_code == 503 and ready.get_json()["error"]["code"] == "triton_unreachable"
     assert ready.get_json()["error"]["message"].startswith(f"Triton at {url} is unreachable")
+
+
+class CountingDetector:
+    """The real Triton client, counting the calls made through it."""
+
+    def __init__(self, real):
+        self.real, self.calls, self._lock = real, 0, threading.Lock()
+
+    def detect(self, image, parameters=None):
+        with self._lock:
+            self.calls += 1
+        return self.real.detect(image, parameters)
+
+
+@live
+def test_a_batch_stops_sending_images_once_triton_fails_it_whole(gateway_stack, hopper_jpeg):
+    """Triton answers the first image "model not ready": the batch's answer is that 503, and the images not yet
+    sent are not sent to a Triton that is failing (Executor.map cancels the futures not started)."""
+    settings = Settings(triton_url=gateway_stack.triton.grpc_url, model_name="no_such_model", batch_concurrency=1,
+                        triton_shared_memory="off")
+    counting = CountingDetector(triton_client.TritonDetector(settings))
+    try:
+        client = server_like_client(create_app({"SETTINGS": settings, "DETECTOR": counting}))
+        response = client.post("/v1/detect/batch", content_type="multipart/form-data",
+                               data={"images": [(io.BytesIO(hopper_jpeg), f"{index}.jpg") for index in range(6)]})
+    finally:
+        counting.real.close()
+    assert response.status_code == 503 and response.get_json()["error"]["code"] == "model_not_ready"
+    # the pool's one thread may take the second image before the failure of the first is seen: at most two calls
+    assert 1 <= counting.calls <= 2
 
 
 def test_unexpected_errors_carry_no_internals(hopper_jpeg):
