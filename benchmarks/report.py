@@ -266,10 +266,14 @@ def ratios(layers: dict) -> dict:
                 entry["paired_ci95"] = interval
             direct = timing.get("direct_transport", "off")  # documents from before it was recorded sent inline
             entry["paired_direct_transport"] = direct
+            like_for_like = direct == gateway.get("transport")
+            entry["met"] &= like_for_like
             entry["detail"] += (
                 f"; paired measurement (each gateway request beside the same frame sent straight to Triton"
                 + (f", {_in_words(direct)}" if direct else "") + f"): {paired:+.2f} ms"
                 + (f" (95% interval {interval[0]:.2f}–{interval[1]:.2f})" if interval else "")
+                + ("" if like_for_like else f", while the gateway sent {_in_words(gateway.get('transport') or '?')}: "
+                                            "not like for like, so not met")
                 + "; met only when the sweeps' figure and the paired interval's upper end are within the target")
     failed_levels = [f"{name} c={level['concurrency']}" for name in ("triton", *GATEWAY_LAYERS)
                      for level in (layers.get(name) or {}).get("levels", [])

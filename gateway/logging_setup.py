@@ -67,21 +67,27 @@ class Throttled:
         self._log(message, args, held, now - logged_at if held else 0.0)
 
     def settle(self) -> None:
-        """Called on a success: keys whose interval is over are forgotten, and what they held back is logged.
+        """Called on a success: what keys whose interval is over held back is logged, and they start a new interval.
 
-        Without it the size of an outage shorter than the interval would never reach the log. Cheap when nothing
-        failed: one look at an empty dict.
+        Without it the size of an outage shorter than the interval would never reach the log. A key with nothing
+        held back is forgotten, so the next failure is logged at once. Cheap when nothing failed: one look at an
+        empty dict.
         """
         if not self._last:
             return
         now = self._clock()
+        due = []
         with self._lock:
-            over = [(key, entry) for key, entry in self._last.items() if now - entry[0] >= self.interval_s]
-            for key, _ in over:
-                del self._last[key]
-        for _, (logged_at, held, message, args) in over:
-            if held:
-                self._log(message, args, held, now - logged_at)
+            for key, (logged_at, held, message, args) in list(self._last.items()):
+                if now - logged_at < self.interval_s:
+                    continue
+                if held:  # still at most one line per interval: the next failure waits for this one's interval
+                    self._last[key] = (now, 0, message, args)
+                    due.append((held, now - logged_at, message, args))
+                else:
+                    del self._last[key]
+        for held, over_s, message, args in due:
+            self.logger.warning(message + f" ({held} like it held back in the last {over_s:.0f} s)", *args)
 
     def _log(self, message: str, args: tuple, held: int, over_s: float) -> None:
         if held:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 
 from werkzeug.datastructures import MultiDict
@@ -32,6 +33,7 @@ class DetectParams:
 PARAMETER_NAMES = tuple(field.name for field in fields(DetectParams))
 
 
+INTEGER = re.compile(r"\s*(?P<sign>[+-]?)(?P<digits>[0-9]+)\s*")
 SHOWN_CHARACTERS = 64  # of a caller's value quoted in an error message
 
 
@@ -51,16 +53,16 @@ def _unit_interval(name: str, raw: str) -> float:
 
 
 def _positive_int(name: str, raw: str, upper: int) -> int:
+    """ASCII decimal digits only (int() would also take "1_0" and other scripts' digits); a number of any length
+    beyond `upper` is out of range, not unreadable (int() refuses more than 4300 digits)."""
     message = f"{name} must be an integer in [1, {upper}], got {_shown(raw)}"
-    try:
-        value = int(raw)
-    except ValueError:
-        if raw.strip().lstrip("+-").isdigit():  # more digits than Python converts (4300): a number, far out of range
-            raise ParameterOutOfRange(message) from None
-        raise InvalidParameter(message) from None
-    if not 1 <= value <= upper:
+    match = INTEGER.fullmatch(raw)
+    if match is None:
+        raise InvalidParameter(message)
+    digits = match["digits"].lstrip("0") or "0"
+    if len(digits) > len(str(upper)) or not 1 <= int(match["sign"] + digits) <= upper:
         raise ParameterOutOfRange(message)
-    return value
+    return int(digits)
 
 
 def parse_detect_params(args: MultiDict) -> DetectParams:

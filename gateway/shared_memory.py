@@ -8,6 +8,7 @@ first registration says so and the worker sends pixels inline from then on.
 """
 from __future__ import annotations
 
+import errno
 import glob
 import itertools
 import logging
@@ -30,6 +31,8 @@ MAX_REGION_BYTES = 64 * 1024 * 1024  # larger images go inline rather than pinni
 # Triton's answers when it cannot map a region, and when it does not know one (it restarted and forgot).
 UNMAPPABLE_HINT = "unable to open shared memory region"
 UNKNOWN_REGION_HINT = "unable to find shared memory region"
+# Creating a region failed for good: /dev/shm read-only, not ours, missing, or no POSIX shared memory at all.
+UNUSABLE_SHM_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOSYS})
 
 
 class SharedMemoryUnavailable(Exception):
@@ -116,10 +119,14 @@ class RegionPool:
         try:
             try:
                 region = Region(name, self.byte_size)
-            except shm.SharedMemoryException as error:  # no usable /dev/shm here (read-only, missing)
-                self.available = False
-                raise SharedMemoryUnavailable(f"cannot create a shared-memory region here: {error.__cause__ or error}") \
-                    from None
+            except shm.SharedMemoryException as error:
+                cause = error.__cause__
+                if isinstance(cause, OSError) and cause.errno in UNUSABLE_SHM_ERRNOS:  # no usable /dev/shm here
+                    self.available = False
+                    raise SharedMemoryUnavailable(f"cannot create a shared-memory region here: {cause}") from None
+                log.warning("could not create a shared-memory region (%s); this image goes inside the request",
+                            cause or error)  # out of descriptors or memory for now: the next one tries again
+                return None
             try:
                 self._register(region)
             except BaseException:

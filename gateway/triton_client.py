@@ -148,7 +148,7 @@ class TritonDetector:
                         span.set_attribute(TRANSPORT_ATTRIBUTE, SHARED_MEMORY_TRANSPORT)
                         return self._infer_from_region(region, image, parameters), SHARED_MEMORY_TRANSPORT
             except SharedMemoryUnavailable as reason:
-                log.warning("Triton at %s cannot map this host's shared memory (%s); this worker sends images "
+                log.warning("shared memory cannot carry images to Triton at %s (%s); this worker sends images "
                             "inside the gRPC request from now on", self.settings.triton_url, reason)
         span.set_attribute(TRANSPORT_ATTRIBUTE, INLINE_TRANSPORT)
         request_input = grpcclient.InferInput(INPUT_NAME, list(image.shape), "UINT8")

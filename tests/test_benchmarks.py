@@ -200,13 +200,20 @@ def _with_paired(gateway: dict, added_ms: float, interval: list[float]) -> dict:
 def test_added_latency_is_met_only_when_the_paired_interval_lies_within_the_target():
     references = [_reference_doc(25.0, 40.0)]
     triton = _triton_doc({1: (15.0, 62.0), 2: (24.0, 80.0)})
-    within = report.summarize(references, triton, _with_paired(_gateway_doc({1: (14.0, 64.0)}), 2.6, [2.3, 2.9]))
+    within = report.summarize(references, triton,
+                              _with_paired(_gateway_doc({1: (14.0, 64.0)}, transport="system"), 2.6, [2.3, 2.9]))
     entry = within["ratios"]["gateway_added_p50_ms_c1"]
     assert entry["met"] and entry["paired_direct_transport"] == "system"
     assert "same frame sent straight to Triton, shared memory): +2.60 ms" in entry["detail"]
     straddling = report.summarize(references, triton,
-                                  _with_paired(_gateway_doc({1: (14.0, 64.0)}), 2.6, [2.3, 3.2]))
+                                  _with_paired(_gateway_doc({1: (14.0, 64.0)}, transport="system"), 2.6, [2.3, 3.2]))
     assert not straddling["ratios"]["gateway_added_p50_ms_c1"]["met"]  # the median may well be above 3 ms
+    # a results folder from before the pairing followed the gateway's transport: its direct call sent inline
+    unpaired = _with_paired(_gateway_doc({1: (14.0, 64.0)}, transport="system"), 2.6, [2.3, 2.9])
+    del unpaired["server_timing_c1"]["direct_transport"]
+    entry = report.summarize(references, triton, unpaired)["ratios"]["gateway_added_p50_ms_c1"]
+    assert not entry["met"] and entry["paired_direct_transport"] == "off"
+    assert "while the gateway sent shared memory: not like for like, so not met" in entry["detail"]
 
 
 def test_a_level_with_errors_gives_no_latency_comparison():

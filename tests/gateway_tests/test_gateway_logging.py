@@ -89,13 +89,35 @@ def test_failures_held_back_are_reported_once_calls_succeed_again(caplog):
         clock.now += 8.5
         throttled.settle()
         throttled.settle()
-        clock.now += 60
+        clock.now += 10
+        throttled.settle()  # nothing held back since: forgotten
         throttled.warning("UNAVAILABLE", "triton infer failed: status=%s", "UNAVAILABLE")
     assert [record.getMessage() for record in caplog.records] == [
         "triton infer failed: status=UNAVAILABLE",
-        "triton infer failed: status=UNAVAILABLE (3 more like it in the last 10 s)",
+        "triton infer failed: status=UNAVAILABLE (3 like it held back in the last 10 s)",
         "triton infer failed: status=UNAVAILABLE",
     ]
+
+
+def test_failures_mixed_with_successes_are_still_logged_once_per_interval(caplog):
+    """A partly overloaded Triton: a 429 every 0.7 s, successes between them. Lines stay 10 s apart, and the counts
+    they give add up to every failure."""
+    clock = _Clock()
+    throttled = Throttled(logging.getLogger("test.throttled"), 10.0, clock)
+    logged_at = []
+    with caplog.at_level(logging.WARNING, logger="test.throttled"):
+        for _ in range(60):
+            for call in (lambda: throttled.warning("RESOURCE_EXHAUSTED", "triton infer failed"), throttled.settle):
+                before = len(caplog.records)
+                call()
+                logged_at += [clock.now] * (len(caplog.records) - before)
+                clock.now += 0.35
+    assert all(later - earlier >= 10.0 - 1e-9 for earlier, later in zip(logged_at, logged_at[1:]))
+    counted = [1 if "like it" not in record.getMessage() else
+               int(record.getMessage().split("(")[1].split()[0]) + ("more like it" in record.getMessage())
+               for record in caplog.records]
+    held_now = throttled._last["RESOURCE_EXHAUSTED"][1]
+    assert sum(counted) + held_now == 60
 
 
 def test_json_lines_carry_the_ids_and_keep_a_traceback_inside_the_line():

@@ -66,6 +66,28 @@ finally:
     detector.close()
 """
 
+# A gateway process that runs out of file descriptors for a moment (RLIMIT_NOFILE lowered to what it has open).
+OUT_OF_DESCRIPTORS_CHILD = r"""
+import json, os, resource, sys
+import numpy as np
+from gateway.settings import Settings
+from gateway.triton_client import TritonDetector
+url, image_path = sys.argv[1:3]
+image = np.load(image_path)
+detector = TritonDetector(Settings(triton_url=url))
+try:
+    detector.readiness()  # the gRPC channel's connection exists before the descriptors run out
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")), hard))
+    short = detector.detect(image)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    after = detector.detect(image)
+    print(json.dumps({"labels": [short.labels, after.labels], "transports": [short.transport, after.transport],
+                      "available": detector._regions.available}))
+finally:
+    detector.close()
+"""
+
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers
@@ -296,6 +318,25 @@ def test_a_gateway_that_cannot_create_regions_sends_inline(triton_url, inline_de
     assert answer["faces"] == [len(want.labels)] * 2 and answer["labels"] == [want.labels] * 2
     assert stderr.count(INLINE_WARNING) == 1, stderr
     assert "cannot create a shared-memory region here" in stderr and "Read-only file system" in stderr
+
+
+@live
+def test_a_region_that_cannot_be_created_for_now_sends_that_image_inline_only(triton_url, inline_detector,
+                                                                             real_images, tmp_path):
+    """Out of file descriptors for a moment (EMFILE, caused for real with a lowered RLIMIT_NOFILE): that image goes
+    inline and the worker keeps shared memory for the next one, unlike a /dev/shm it can never use."""
+    image = real_images["grace_hopper"]
+    want = inline_detector.detect(image)
+    np.save(tmp_path / "image.npy", image)
+    env = {key: value for key, value in os.environ.items() if key not in INHERITED_OBSERVABILITY_VARIABLES}
+    done = subprocess.run([sys.executable, "-c", OUT_OF_DESCRIPTORS_CHILD, triton_url, str(tmp_path / "image.npy")],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["labels"] == [want.labels] * 2
+    assert answer["transports"] == ["grpc", "system_shared_memory"] and answer["available"] is True
+    assert "could not create a shared-memory region" in done.stderr and "Too many open files" in done.stderr
+    assert INLINE_WARNING not in done.stderr
 
 
 @live

@@ -108,14 +108,26 @@ def test_bad_parameters_are_named(query, error):
         parse_detect_params(MultiDict(query))
 
 
-@pytest.mark.parametrize("value, error", [("9" * 5000, ParameterOutOfRange), ("x" * 5000, InvalidParameter)],
-                         ids=["more_digits_than_python_converts", "long_text"])
+@pytest.mark.parametrize("value, error", [("9" * 5000, ParameterOutOfRange), ("x" * 5000, InvalidParameter),
+                                          ("+-" + "5" * 5000, InvalidParameter), ("²" * 5000, InvalidParameter)],
+                         ids=["more_digits_than_python_converts", "long_text", "two_signs", "superscripts"])
 def test_a_huge_value_is_judged_as_what_it_is_and_quoted_short(value, error):
     """4300 digits is Python's int() limit: such a value is a number far out of range (422), not "not a number";
     either way the message quotes 64 characters of it, not 5000."""
     with pytest.raises(error) as raised:
         parse_detect_params(MultiDict({"max_faces": value}))
     assert str(raised.value) == f"max_faces must be an integer in [1, 1000], got {value[:64]!r}..."
+
+
+@pytest.mark.parametrize("raw, expected", [("0" * 4400 + "5", 5), (" +7 ", 7), ("1000", 1000)])
+def test_integers_are_read_by_their_value_whatever_their_leading_zeros(raw, expected):
+    assert parse_detect_params(MultiDict({"max_faces": raw})).max_faces == expected
+
+
+@pytest.mark.parametrize("raw", ["1_0", "\u0665", "1e2", "0x10"])  # int() takes the first two; no caller means them
+def test_integers_are_ascii_decimal_digits(raw):
+    with pytest.raises(InvalidParameter):
+        parse_detect_params(MultiDict({"max_faces": raw}))
 
 
 @pytest.mark.parametrize("query, mentions", [
