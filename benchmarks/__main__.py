@@ -44,6 +44,18 @@ from ensemble.triton.launcher import TritonServer, TritonStartError
 REFERENCE_VARIANTS = (("reference", None), ("reference-nospin", False))
 SERVER_START_ALLOWANCE_S = 20.0  # tritonserver start (typically 3-15 s on 2 cores), for the printed estimate
 REPORT_ALLOWANCE_S = 10.0  # model loading for the reference run, the report and plots
+RUN_BOUND_S = 600.0  # the issue's bound on the whole run: the sweeps' budgets shrink to keep within it
+# Kept back from the sweeps for what follows them in the worst case: stopping two gunicorns (25 s each) and
+# tritonserver (40 s), then the report.
+FINISH_RESERVE_S = 2 * 25.0 + 40.0 + REPORT_ALLOWANCE_S
+
+
+def _cap_budgets(sweeps, progress: "Progress") -> None:
+    """Shrink each sweep's budget to what is left of RUN_BOUND_S less FINISH_RESERVE_S: one deadline for the run,
+    reached by shortening, then skipping levels (each sweep's own rule), not by running over."""
+    left_s = RUN_BOUND_S - FINISH_RESERVE_S - progress.elapsed_s
+    for sweep in sweeps:
+        sweep.budget_s = min(sweep.budget_s, sweep.spent_s + max(0.0, left_s))
 
 
 class Progress:
@@ -238,6 +250,7 @@ def run(args: argparse.Namespace, *, server=None, out: Callable[[str], None] = p
                     [lambda level=level: triton_sweep.level(ENSEMBLE, level)] if ensemble else []) + [
                     lambda level=level, sweep=sweep: sweep.level(level) for sweep in gateway_sweeps]
                 for step in steps[::-1] if index % 2 else steps:
+                    _cap_budgets([sweep for sweep in (triton_sweep, *gateway_sweeps) if sweep], progress)
                     step()
             if interleaved:
                 for meter in meters.values():
@@ -250,6 +263,7 @@ def run(args: argparse.Namespace, *, server=None, out: Callable[[str], None] = p
                                f"c={','.join(map(str, args.component_concurrency))}; Triton budget left "
                                f"{triton_sweep.remaining_s:.0f} s")
                 for model, level in triton_sweep.pending():
+                    _cap_budgets([triton_sweep], progress)
                     triton_sweep.level(model, level)
         finally:
             while gateway_sweeps:

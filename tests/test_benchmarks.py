@@ -297,6 +297,21 @@ def test_the_paired_interval_brackets_the_median_and_narrows_with_more_pairs():
     assert bench_gateway.median_interval(np.full(30, 2.5)) == (2.5, 2.5)
 
 
+def test_the_run_s_bound_caps_every_sweep_s_budget():
+    """One deadline for the whole run: a run that fell behind (a slow server start, a busy machine) shrinks what
+    each sweep has left, so its levels are shortened or skipped instead of running past 10 minutes."""
+    from types import SimpleNamespace
+
+    limit = bench_main.RUN_BOUND_S - bench_main.FINISH_RESERVE_S
+    triton, gateway = SimpleNamespace(budget_s=200.0, spent_s=50.0), SimpleNamespace(budget_s=100.0, spent_s=0.0)
+    bench_main._cap_budgets([triton, gateway], SimpleNamespace(elapsed_s=limit - 30.0))
+    assert (triton.budget_s, gateway.budget_s) == (80.0, 30.0)  # 30 s of the run left for each, beyond what it spent
+    bench_main._cap_budgets([triton, gateway], SimpleNamespace(elapsed_s=60.0))
+    assert (triton.budget_s, gateway.budget_s) == (80.0, 30.0)  # never grown back
+    bench_main._cap_budgets([triton, gateway], SimpleNamespace(elapsed_s=limit + 5.0))
+    assert (triton.budget_s, gateway.budget_s) == (50.0, 0.0)  # past the deadline: nothing more to spend
+
+
 def test_stolen_cpu_time_is_the_share_of_the_machine_s_time_during_the_run():
     from benchmarks.common import cpu_times, steal_during
 
