@@ -151,6 +151,24 @@ def test_a_model_missing_a_file_its_export_wrote_is_stale(model_repository, tmp_
     assert not is_current(copy, fingerprint(model, weights, model_repository))
 
 
+def test_the_export_extra_is_enough_to_build(model_repository):
+    """`.[export]` leaves out the pip tritonserver (glibc 2.35+): the build runs with nvidia-pytriton unimportable,
+    and the extra holds the rest of what `models` holds."""
+    import configparser
+    import re
+
+    code = ("import sys; sys.modules['pytriton'] = None\n"
+            "from ensemble.build import main\nsys.exit(main([]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "face_detector: up to date" in proc.stdout
+    setup = configparser.ConfigParser()
+    setup.read(os.path.join(os.path.dirname(__file__), "..", "setup.cfg"))
+    extras = {name: set(re.findall(r"^\s*([A-Za-z0-9_.-]+)", text, re.MULTILINE))
+              for name, text in setup["options.extras_require"].items()}
+    assert extras["export"] == extras["models"] - {"nvidia-pytriton"}
+
+
 def test_the_command_reports_what_it_did(model_repository):
     proc = subprocess.run([sys.executable, "-m", "ensemble.build"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
