@@ -8,7 +8,7 @@
 
 One tritonserver serves layers 2 and 3, and their levels are measured alternately (Triton c=1, gateway
 c=1 [shm], gateway c=1 [inline], gateway c=2 [inline], ...) so other load on the machine affects all
-alike; the in-process ceiling (spin-waiting off) is measured in slices between them, one per level.
+alike; both in-process configurations are measured in slices between them, one each per level.
 Every phase has a time budget: the defaults take about 5 minutes on a 2-core machine, the planned
 bound (printed on every progress line) is 7:40, and a level already running can overrun it by its own
 length only.
