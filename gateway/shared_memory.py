@@ -31,8 +31,10 @@ MAX_REGION_BYTES = 64 * 1024 * 1024  # larger images go inline rather than pinni
 # Triton's answers when it cannot map a region, and when it does not know one (it restarted and forgot).
 UNMAPPABLE_HINT = "unable to open shared memory region"
 UNKNOWN_REGION_HINT = "unable to find shared memory region"
-# Creating a region failed for good: /dev/shm read-only, not ours, missing, or no POSIX shared memory at all.
-UNUSABLE_SHM_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOSYS})
+# Creating a region failed for good: /dev/shm read-only, not ours, missing, no POSIX shared memory at all, or
+# names this long refused (macOS allows 31 characters); anything else (EMFILE, ENOMEM) may pass.
+UNUSABLE_SHM_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOSYS,
+                                 errno.ENAMETOOLONG, errno.EINVAL})
 
 
 class SharedMemoryUnavailable(Exception):
