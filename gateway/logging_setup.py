@@ -67,7 +67,7 @@ class Throttled:
         self._log(message, args, held, now - logged_at if held else 0.0)
 
     def settle(self) -> None:
-        """Called on a success: what keys whose interval is over held back is logged, and they start a new interval.
+        """Called on a success: each key whose interval is over logs what it held back and starts a new interval.
 
         Without it the size of an outage shorter than the interval would never reach the log. A key with nothing
         held back is forgotten, so the next failure is logged at once. Cheap when nothing failed: one look at an
