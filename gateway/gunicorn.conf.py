@@ -29,6 +29,7 @@ def _made_by(directory: str) -> int | None:
         return None
 
 
+_loaded_by = os.getpid()  # under --daemon, not the master: gunicorn forks it off after reading this file
 _prometheus_dir = _settings.prometheus_multiproc_dir
 if not _prometheus_dir or _made_by(_prometheus_dir) not in (None, os.getpid()):
     _prometheus_dir = tempfile.mkdtemp(prefix="gateway-prometheus-")
@@ -63,6 +64,9 @@ def on_starting(server):
     from gateway.exemplars import remove_exemplar_files
 
     os.makedirs(_prometheus_dir, exist_ok=True)
+    if _made_by(_prometheus_dir) == _loaded_by != os.getpid():  # daemonized since: the marker names the master now
+        with open(os.path.join(_prometheus_dir, OWNED_MARKER), "w") as marker:
+            marker.write(str(os.getpid()))
     for name in os.listdir(_prometheus_dir):
         if name.endswith(".db"):  # prometheus_client's files only, whatever else the directory holds
             os.remove(os.path.join(_prometheus_dir, name))

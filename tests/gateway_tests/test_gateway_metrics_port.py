@@ -210,6 +210,37 @@ def test_a_binary_upgrade_gives_the_new_master_its_own_metrics_directory(gateway
             old.wait()
 
 
+def test_a_daemonized_gateway_removes_its_metrics_directory_at_exit(gateway_stack, tmp_path):
+    """`--daemon` forks the master off after gunicorn.conf.py made the directory: the marker must name that master,
+    or its exit would leave the directory behind."""
+    env = gateway_stack.environment(free_port(), {"GATEWAY_WORKERS": "1", "TMPDIR": str(tmp_path)})
+    url = f"http://127.0.0.1:{env['GATEWAY_PORT']}"
+    pidfile = tmp_path / "gunicorn.pid"
+    command = [str(Path(sys.executable).with_name("gunicorn")), "-c", str(REPO_ROOT / "gateway" / "gunicorn.conf.py"),
+               "--daemon", "--pid", str(pidfile), "--error-logfile", str(tmp_path / "error.log"),
+               "gateway:create_app()"]
+    assert subprocess.run(command, cwd=REPO_ROOT, env=env, timeout=60).returncode == 0  # returns once daemonized
+    master = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (pidfile.exists() and _answers(url + "/readyz")):
+            assert time.monotonic() < deadline, "the daemonized gunicorn did not start"
+            time.sleep(0.2)
+        master = int(pidfile.read_text())
+        (made,) = tmp_path.glob("gateway-prometheus-*")
+        assert int((made / ".made-by-gunicorn-master").read_text()) == master
+        os.kill(master, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while not _gone(master):
+            assert time.monotonic() < deadline, "the daemonized master did not stop"
+            time.sleep(0.2)
+        master = None
+        assert not made.exists()
+    finally:
+        if master is not None and not _gone(master):
+            os.killpg(os.getpgid(master), signal.SIGKILL)
+
+
 def _answers(url: str) -> bool:
     try:
         return requests.get(url, timeout=2).status_code == 200
