@@ -18,8 +18,9 @@ help:
 	@echo "make clean   - remove the exported models, test artifacts and benchmark runs (keeps .venv, the"
 	@echo "               downloaded weights and the kept reference run)"
 
-$(INSTALLED): setup.cfg pyproject.toml
-	test -x $(PIP) || python3 -m venv --clear $(VENV)
+# The Makefile too: the extras installed are named below. A venv whose base Python is gone is made again.
+$(INSTALLED): setup.cfg pyproject.toml Makefile
+	$(PY) -c 'import pip' 2>/dev/null || python3 -m venv --clear $(VENV)
 	$(PIP) install -q --disable-pip-version-check --upgrade pip wheel
 	$(PIP) install -q --disable-pip-version-check -e '.[models,gateway,test]'
 	touch $@
@@ -33,7 +34,7 @@ RUN_PACKAGES = libpython$(shell $(PY) -c 'import sys; print("%d.%d" % sys.versio
 TOOL_PACKAGES := libb64-0d prometheus prometheus-alertmanager wrk
 BROWSER_PACKAGES := chromium chromium-driver
 define apt_install
-	@missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	@missing=$$(for p in $(1); do dpkg-query -W -f='$${db:Status-Status}' $$p 2>/dev/null | grep -qx installed || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages: $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) $$missing >/dev/null; \

@@ -17,6 +17,9 @@ FORMAT = ("%(asctime)s [%(process)d] [%(levelname)s] %(name)s request_id=%(reque
           "span_id=%(span_id)s: %(message)s")
 
 
+NO_REQUEST = {"request_id": "-", "trace_id": "-", "span_id": "-"}  # extra= of a line that belongs to no request
+
+
 class RequestIdFilter(logging.Filter):
     """Adds `request_id`, and the sampled span's `trace_id`/`span_id`, to every record ("-" where there is none).
 
@@ -24,6 +27,8 @@ class RequestIdFilter(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if hasattr(record, "request_id"):  # set by the caller (extra=): a line about no request of this one's
+            return True
         record.request_id = g.get("request_id", "-") if has_request_context() else "-"
         trace_id, span_id = current_trace_ids()
         record.trace_id, record.span_id = trace_id or "-", span_id or "-"
@@ -86,8 +91,9 @@ class Throttled:
                     due.append((held, now - logged_at, message, args))
                 else:
                     del self._last[key]
-        for held, over_s, message, args in due:
-            self.logger.warning(message + f" ({held} like it held back in the last {over_s:.0f} s)", *args)
+        for held, over_s, message, args in due:  # said during a successful request: not tagged with its ids
+            self.logger.warning(message + f" ({held} like it held back in the last {over_s:.0f} s)", *args,
+                                extra=NO_REQUEST)
 
     def _log(self, message: str, args: tuple, held: int, over_s: float) -> None:
         if held:

@@ -17,7 +17,7 @@ import time
 READY = b"ready\n"  # what the child writes to its --ready-fd once its port is bound
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
-RESTART_DELAY_S = 1.0  # after the child died, before a new one; doubled after each failed start ...
+RESTART_DELAY_S = 1.0  # after the child died, before a new one; doubled after each failed start or early death ...
 MAX_RESTART_DELAY_S = 60.0  # ... up to this, so a port that stays taken costs little
 STABLE_S = 60.0  # a child that served this long before dying starts the delays over
 
@@ -63,6 +63,8 @@ class _Supervisor:
                     continue
                 if self._stopping.is_set():  # stop() came while this one started: it saw the old process only
                     _terminate(self.process)
+                # should this one die within STABLE_S too (it binds, then crashes), the next waits longer
+                delay = min(delay * 2, MAX_RESTART_DELAY_S)
                 break
 
     def stop(self) -> None:

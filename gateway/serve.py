@@ -123,33 +123,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv, defaults)
     if args.triton_url is None and "triton_url" in Settings.set_in():
         args.triton_url = defaults.triton_url  # the caller named a Triton: use it, start none
-    stop_requested = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop_requested.set())
+    from ensemble.triton.launcher import interrupting_signals, require_free_port, with_parent_death_signal
 
     triton = None
     gunicorn = None
     try:
-        if args.triton_url:
-            triton_url, triton_metrics_url = args.triton_url, triton_metrics_url_for(args.triton_url)
-        else:
-            print("starting tritonserver (CPU) ...", flush=True)
-            triton = _start_triton(args, defaults)
-            triton_url, triton_metrics_url = triton.grpc_url, triton.metrics_url
-            print(f"tritonserver ready in {triton.startup_s:.1f} s (log: {triton.log_path})", flush=True)
-        if "triton_metrics_url" in Settings.set_in():  # the caller's choice ("off", or a proxy) stands
-            triton_metrics_url = defaults.triton_metrics_url
-        port = args.port or free_port(args.host)
-        settings = replace(defaults, host=args.host, port=port, workers=args.workers, threads=args.threads,
-                           triton_url=triton_url, triton_metrics_url=triton_metrics_url)
-        # Its own session: Ctrl-C reaches only us, and we stop gunicorn gracefully with SIGTERM. Should we be
-        # killed outright, the kernel sends it SIGTERM (as the launcher does for Triton): nothing is left serving.
-        from ensemble.triton.launcher import with_parent_death_signal
-
-        gunicorn = subprocess.Popen(with_parent_death_signal(gunicorn_command()), env=gateway_environment(settings),
-                                    start_new_session=True)
-        base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{port}"
-        _wait_for_gateway(base, gunicorn, START_TIMEOUT_S)
+        with interrupting_signals():  # until both serve, Ctrl-C stops the start-up at once
+            port = args.port or free_port(args.host)
+            require_free_port(args.host, port, "gateway")  # before Triton's minute of start-up, not after it
+            if args.triton_url:
+                triton_url, triton_metrics_url = args.triton_url, triton_metrics_url_for(args.triton_url)
+            else:
+                print("starting tritonserver (CPU) ...", flush=True)
+                triton = _start_triton(args, defaults)
+                triton_url, triton_metrics_url = triton.grpc_url, triton.metrics_url
+                print(f"tritonserver ready in {triton.startup_s:.1f} s (log: {triton.log_path})", flush=True)
+            if "triton_metrics_url" in Settings.set_in():  # the caller's choice ("off", or a proxy) stands
+                triton_metrics_url = defaults.triton_metrics_url
+            settings = replace(defaults, host=args.host, port=port, workers=args.workers, threads=args.threads,
+                               triton_url=triton_url, triton_metrics_url=triton_metrics_url)
+            # Its own session: Ctrl-C reaches only us, and we stop gunicorn gracefully with SIGTERM. Should we be
+            # killed outright, the kernel sends it SIGTERM (as the launcher does for Triton): nothing is left serving.
+            gunicorn = subprocess.Popen(with_parent_death_signal(gunicorn_command()),
+                                        env=gateway_environment(settings), start_new_session=True)
+            base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{port}"
+            _wait_for_gateway(base, gunicorn, START_TIMEOUT_S)
+        stop_requested = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop_requested.set())
         print(f"\ngateway ready ({settings.workers} workers x {settings.threads} threads)\n"
               f"  web page  {base}/\n  API       POST {base}/v1/detect   (OpenAPI: {base}/openapi.json)\n"
               f"  metrics   {base}/metrics" + (f"  and port {settings.metrics_port} (own process)"
@@ -162,10 +163,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"error: gunicorn exited with code {gunicorn.returncode}", file=sys.stderr)
                 return 1
             if triton is not None and not triton.running:
-                print(f"error: tritonserver exited unexpectedly (log: {triton.log_path})", file=sys.stderr)
+                print(f"error: {triton.exit_report()}", file=sys.stderr)
                 return 1
         print("stopping ...", flush=True)
         return 0
+    except KeyboardInterrupt:
+        print("interrupted while starting; stopping ...", file=sys.stderr, flush=True)
+        return 130
     except Exception as error:  # TritonStartError, gunicorn not coming up: say why, exit non-zero
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -130,7 +130,16 @@ def test_stop_after_tritonserver_was_killed_leaves_no_stub_nor_shared_memory(ech
     assert group_is_gone(group, within_s=20)  # the stubs were killed with the group (init reaps them)
 
 
-def test_server_goes_when_its_starter_is_killed(echo_repository, tmp_path):
+def test_server_goes_when_its_starter_is_killed_and_its_folder_with_the_next_start(echo_repository, tmp_path):
+    """A killed starter cannot stop() its server: the kernel's parent-death signal stops Triton, and the next
+    TritonServer to start removes the temporary folder it left (it used to stay in /tmp for good)."""
+    import glob
+    import tempfile
+
+    def workdirs() -> set[str]:
+        return set(glob.glob(os.path.join(tempfile.gettempdir(), "tritonserver-*")))
+
+    before = workdirs()
     cli, urls, lines = start_cli(echo_repository, tmp_path / "triton.log")
     try:
         assert set(urls) == {"grpc", "http", "metrics", "log"}, "".join(lines)
@@ -138,6 +147,11 @@ def test_server_goes_when_its_starter_is_killed(echo_repository, tmp_path):
         cli.kill()
         cli.communicate()
     assert refuses_connections(urls["grpc"], within_s=40)
+    (abandoned,) = workdirs() - before
+    assert int(open(os.path.join(abandoned, "owner.pid")).read()) == cli.pid
+    with TritonServer(echo_repository) as server:
+        assert not os.path.exists(abandoned)
+        assert os.path.isdir(str(server._workdir))  # its own, owned by a live process, is kept
 
 
 def test_cli_serves_until_sigterm_then_exits_cleanly(echo_repository, tmp_path):

@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +78,37 @@ def python_backend_directory(dest: Path) -> Path:
     shutil.copytree(backend, dest / "python", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(stub, dest / "python" / stub.name)
     return dest
+
+
+WORKDIR_PREFIX = "tritonserver-"  # each TritonServer's temporary folder: staged repository, log
+OWNER_FILE = "owner.pid"  # in it: the pid of the process that made it
+
+
+def remove_abandoned_workdirs() -> None:
+    """Remove the temporary folders of TritonServers whose owner died without stop() (killed: SIGKILL, OOM)."""
+    for owner in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*/{OWNER_FILE}"):
+        try:
+            pid = int(owner.read_text())
+            os.kill(pid, 0)
+        except ProcessLookupError:  # the owner is gone: nothing will remove it otherwise
+            shutil.rmtree(owner.parent, ignore_errors=True)
+        except (OSError, ValueError):  # not ours to judge (another user's, half written): left alone
+            pass
+
+
+@contextlib.contextmanager
+def interrupting_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt inside the block: a start-up can be cut short (its own cleanup
+    runs), where a handler that only sets a flag would be heard once the waiting is over."""
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def require_free_port(host: str, port: int, purpose: str) -> None:
@@ -154,7 +185,9 @@ class TritonServer:
         if self._process is not None:
             raise TritonStartError("this TritonServer is already started")
         began = time.monotonic()
-        self._workdir = Path(tempfile.mkdtemp(prefix="tritonserver-"))
+        remove_abandoned_workdirs()
+        self._workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
+        (self._workdir / OWNER_FILE).write_text(str(os.getpid()))
         try:
             self._claim_ports()
             command, env = self._command()
@@ -269,6 +302,12 @@ class TritonServer:
         except (urllib.error.URLError, OSError):
             return None
 
+    def exit_report(self) -> str:
+        """Why a server that was serving is gone: its exit code and the end of its log, read before stop() removes a
+        temporary log."""
+        code = self._process.poll() if self._process is not None else None
+        return self._failure_report(f"exited unexpectedly with code {code}")
+
     def _unavailable_models(self) -> dict[str, str]:
         """Models the repository index reports UNAVAILABLE, with Triton's reason (seen with --exit-on-error=false)."""
         body = self._http_ok("/v2/repository/index", data=b"{}")
@@ -332,23 +371,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--trace-level", default="TIMESTAMPS")
     args = parser.parse_args(argv)
 
-    stop_requested = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop_requested.set())
     trace = TraceSettings(args.trace_url, rate=args.trace_rate, level=args.trace_level) if args.trace_url else None
     server = TritonServer(args.model_repository, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, host=args.host, log_file=args.log_file,
                           tritonserver=args.tritonserver, trace=trace, ready_timeout=args.ready_timeout)
-    try:
-        server.start()
-    except TritonStartError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    with interrupting_signals():
+        try:
+            server.start()  # stops what it started when interrupted
+        except TritonStartError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("interrupted while starting; stopped", file=sys.stderr)
+            return 130
+    stop_requested = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop_requested.set())
     print(f"tritonserver ready in {server.startup_s:.1f} s\n  grpc    {server.grpc_url}\n"
           f"  http    {server.http_url}\n  metrics {server.metrics_url}\n  log     {server.log_path}", flush=True)
     while not stop_requested.wait(0.5):
         if not server.running:
-            print(f"error: tritonserver exited unexpectedly (log: {server.log_path})", file=sys.stderr)
+            print(f"error: {server.exit_report()}", file=sys.stderr)
             server.stop()
             return 1
     code = server.stop()

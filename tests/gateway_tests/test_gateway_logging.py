@@ -99,6 +99,38 @@ def test_failures_held_back_are_reported_once_calls_succeed_again(caplog):
     ]
 
 
+def test_held_back_failures_reported_during_a_success_carry_none_of_its_ids():
+    """The line settle() writes is about earlier requests: searching the successful request's id must not find it."""
+    from flask import Flask, g
+
+    logger = logging.getLogger("test.throttled.ids")
+    logger.propagate = False
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record)
+
+    handler = Keep()
+    handler.addFilter(RequestIdFilter())
+    logger.addHandler(handler)
+    clock = _Clock()
+    throttled = Throttled(logger, 10.0, clock)
+    try:
+        with Flask(__name__).test_request_context():
+            g.request_id = "the-failed-one"
+            for _ in range(3):
+                throttled.warning("UNAVAILABLE", "triton infer failed")
+            g.request_id = "a-successful-one"
+            clock.now += 11
+            throttled.settle()
+    finally:
+        logger.removeHandler(handler)
+    assert [(record.getMessage(), record.request_id) for record in seen] == [
+        ("triton infer failed", "the-failed-one"),
+        ("triton infer failed (2 like it held back in the last 11 s)", "-")]
+
+
 def test_failures_mixed_with_successes_are_still_logged_once_per_interval(caplog):
     """A partly overloaded Triton: a 429 every 0.7 s, successes between them. Lines stay 10 s apart, and the counts
     they give add up to every failure."""

@@ -1,5 +1,6 @@
 """GATEWAY_METRICS_PORT: the merged /metrics from a process of its own, answering while every worker thread waits."""
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -86,20 +87,32 @@ def _metrics_processes(master: int) -> list[int]:
     return found
 
 
-def test_a_metrics_process_that_dies_is_replaced(gateway):
-    (first,) = _metrics_processes(gateway.process.pid)
-    os.kill(first, signal.SIGKILL)
+def _replaced(gateway, dead: int) -> int:
+    """The metrics process that took over from `dead`, once it serves the port."""
     deadline = time.monotonic() + 30
     while True:
-        replaced = [pid for pid in _metrics_processes(gateway.process.pid) if pid != first]
+        replaced = [pid for pid in _metrics_processes(gateway.process.pid) if pid != dead]
         try:
             if replaced and requests.get(gateway.metrics_url, timeout=5).status_code == 200:
-                break
+                return replaced[0]
         except requests.ConnectionError:
             pass
         assert time.monotonic() < deadline, "no new metrics process served the port"
         time.sleep(0.2)
-    assert "gateway.metrics_server (pid %d) exited" % first in gateway.log_text()
+
+
+def test_a_metrics_process_that_dies_is_replaced_and_one_that_keeps_dying_waits_longer(gateway):
+    """A child that binds and then dies at once (a crash loop) is restarted after 1 s, then 2 s, ...: the backoff
+    grows with early deaths too, not only with failed starts."""
+    (first,) = _metrics_processes(gateway.process.pid)
+    os.kill(first, signal.SIGKILL)
+    second = _replaced(gateway, first)
+    os.kill(second, signal.SIGKILL)
+    _replaced(gateway, second)
+    log = gateway.log_text()
+    assert f"gateway.metrics_server (pid {first}) exited with code" in log
+    assert re.search(rf"\(pid {first}\) exited with code -?\d+; starting another in 1 s", log)
+    assert re.search(rf"\(pid {second}\) exited with code -?\d+; starting another in 2 s", log)
 
 
 def test_the_metrics_process_survives_a_hup_and_stops_with_gunicorn_and_a_taken_port_stops_gunicorn(

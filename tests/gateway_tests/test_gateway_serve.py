@@ -3,6 +3,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,14 +23,14 @@ START_TIMEOUT_S = 120
 class Serving:
     """A running `python -m gateway.serve`: its process, the output up to its ready banner, and the rest on exit."""
 
-    def __init__(self, command: list[str], env: dict | None):
+    def __init__(self, command: list[str], env: dict | None, until: str = "Ctrl-C stops both"):
         self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self._lines: queue.Queue = queue.Queue()
         # A reader thread, so a serve that prints nothing more cannot block a test past its deadline.
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        self.banner = self._until("Ctrl-C stops both", START_TIMEOUT_S)
+        self.banner = self._until(until, START_TIMEOUT_S)
 
     def _read(self) -> None:
         for line in self.process.stdout:
@@ -57,11 +58,12 @@ class Serving:
 
 
 @contextmanager
-def serving(port: int, *flags: str, env: dict | None = None):
-    """`python -m gateway.serve` up to its ready banner; killed if the test did not stop it."""
+def serving(port: int, *flags: str, env: dict | None = None, until: str = "Ctrl-C stops both"):
+    """`python -m gateway.serve` up to the line holding `until` (its ready banner); killed if the test did not stop
+    it."""
     command = [sys.executable, "-u", "-m", "gateway.serve", "--port", str(port), "--workers", "1", "--threads", "2",
                *flags]
-    served = Serving(command, env)
+    served = Serving(command, env, until)
     try:
         yield served
     finally:
@@ -149,3 +151,60 @@ def test_every_gateway_setting_reaches_the_workers(monkeypatch):
     environment = gateway_environment(chosen)
     assert environment["GATEWAY_TRITON_SHARED_MEMORY"] == "off"
     assert Settings.from_env(environment) == chosen
+
+
+OWN_TRITON = ("--triton-grpc-port", "0", "--triton-http-port", "0", "--triton-metrics-port", "0")
+
+
+def _tritonservers() -> set[int]:
+    """Pids of the tritonserver processes on this machine."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                if cmdline.read().split(b"\0")[0].endswith(b"/tritonserver"):
+                    found.add(int(entry))
+        except (FileNotFoundError, ProcessLookupError, NotADirectoryError, PermissionError, ValueError):
+            pass
+    return found
+
+
+def test_a_taken_gateway_port_is_refused_before_triton_starts(model_repository):
+    """Said at once, not after Triton's start-up and five gunicorn retries."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with serving(port, *OWN_TRITON, "--model-repository", str(model_repository), until="no such line") as served:
+            output = served.banner + served.rest(timeout_s=30)
+    assert served.process.returncode == 1, output
+    assert f"error: gateway port {port} on 127.0.0.1 is already in use" in output
+    assert "starting tritonserver" not in output
+
+
+def test_ctrl_c_while_triton_starts_stops_at_once(model_repository):
+    """Before the banner a signal cuts the start-up short; Triton's start stops what it began."""
+    before = _tritonservers()
+    with serving(free_port(), *OWN_TRITON, "--model-repository", str(model_repository),
+                 until="starting tritonserver") as served:
+        assert "starting tritonserver" in served.banner, served.banner
+        deadline = time.monotonic() + 30
+        while not _tritonservers() - before:  # the interrupt lands while Triton loads its models
+            assert time.monotonic() < deadline, "no tritonserver was started"
+            time.sleep(0.1)
+        served.process.send_signal(signal.SIGINT)
+        rest = served.rest(timeout_s=30)
+    assert served.process.returncode == 130, rest
+    assert "interrupted while starting" in rest and "Ctrl-C stops both" not in rest
+    assert not _tritonservers() - before
+
+
+def test_a_triton_that_dies_while_serving_is_reported_with_the_end_of_its_log(model_repository):
+    """The temporary log goes with Triton's clean-up: the report quotes it first."""
+    before = _tritonservers()
+    with serving(free_port(), *OWN_TRITON, "--model-repository", str(model_repository)) as served:
+        (triton,) = _tritonservers() - before
+        os.kill(triton, signal.SIGKILL)
+        rest = served.rest(timeout_s=60)
+    assert served.process.returncode == 1, rest
+    assert "error: tritonserver exited unexpectedly with code -9; last lines:" in rest
+    assert "Started GRPCInferenceService" in rest  # a line of Triton's own log
+    assert "gateway stopped" in rest
