@@ -29,7 +29,7 @@ RULES_DIR = COMPOSE_DIR / "prometheus" / "rules"
 # Histograms are listed by family name; their _bucket/_sum/_count series are allowed.
 GATEWAY_COUNTERS = ("flask_http_request_total", "flask_http_request_exceptions_total",
                     "gateway_detections_total", "gateway_errors_total", "gateway_triton_requests_total")
-GATEWAY_GAUGES = ("gateway_inflight_requests", "gateway_triton_metrics_up")
+GATEWAY_GAUGES = ("gateway_inflight_requests", "gateway_worker_threads", "gateway_triton_metrics_up")
 GATEWAY_HISTOGRAMS = ("flask_http_request_duration_seconds", "gateway_stage_duration_seconds",
                       "gateway_faces_per_image", "gateway_detection_confidence", "gateway_image_pixels")
 # Seen on tritonserver 2.51 (pip nvidia-pytriton build, CPU) after inferences; nv_inference_request_failure

@@ -35,6 +35,10 @@ class ServiceMetrics:
         self.exemplars = exemplars
         self.inflight = Gauge("gateway_inflight_requests", "Requests being served now (all workers)",
                               registry=registry, multiprocess_mode="livesum")
+        self.worker_threads = Gauge(
+            "gateway_worker_threads", "Request threads of the live workers (GATEWAY_THREADS each): at this many "
+            "requests in flight, the next ones wait in gunicorn's queue, where no latency metric sees them",
+            registry=registry, multiprocess_mode="livesum")
         self.stage_duration = Histogram(
             "gateway_stage_duration_seconds",
             "Time per stage of a detection request: decode (image), triton (the gRPC round trip, failed or not), "

@@ -51,6 +51,7 @@ def register_metrics(app: Flask, settings: Settings) -> None:
     exporter.init_app(app)
     exemplars = ExemplarStore(settings.prometheus_multiproc_dir or None)
     service = ServiceMetrics(registry, exemplars)
+    service.worker_threads.set(settings.threads)  # this worker's share of the capacity; livesum adds the workers
     app.extensions[EXTENSION_KEY] = MetricsState(service, Exposition(settings, registry, exemplars))
 
     @app.before_request

@@ -68,6 +68,8 @@ def test_the_metrics_port_answers_while_every_worker_thread_is_busy(gateway):
         while scraped(gateway.metrics_url)[("gateway_inflight_requests", ())] != THREADS:
             assert time.monotonic() < deadline, "the stalled uploads never showed as in flight"
             time.sleep(0.1)
+        # ... against the capacity they exhaust: the saturation the alert GatewayThreadsSaturated watches is 1
+        assert scraped(gateway.metrics_url)[("gateway_worker_threads", ())] == THREADS
         with pytest.raises(requests.Timeout):  # queued behind the stalled uploads for CLIENT_TIMEOUT_S
             requests.get(gateway.url + "/metrics", timeout=3)
     finally:
