@@ -103,16 +103,16 @@ def build(repository: Path = DEFAULT_REPOSITORY, force: bool = False, log=print)
         expected = fingerprint(model, weights, repository)
         if not force and is_current(model_dir, expected):
             log(f"{model.name}: up to date")
-            copy_shared_files(repository, log, model.name)
-            continue
-        started = time.perf_counter()
-        report = model.export(*model.weights(weights), model_dir)
-        log(f"{model.name}: exported to {model_dir / 'model.onnx'} in {time.perf_counter() - started:.1f}s {report}")
-        log(verify(repository, model.name))  # before the stamp: a model that fails it is exported again next time
-        written = sorted(path.name for path in model_dir.iterdir() if path.is_file() and path.name != STAMP_FILE)
-        onnx_io.write_atomically(model_dir / STAMP_FILE, json.dumps(
-            {"fingerprint": expected, "files": written, **report}, default=str).encode())
-        exported.append(model.name)
+        else:
+            started = time.perf_counter()
+            report = model.export(*model.weights(weights), model_dir)
+            log(f"{model.name}: exported to {model_dir / 'model.onnx'} in {time.perf_counter() - started:.1f}s "
+                f"{report}")
+            log(verify(repository, model.name))  # before the stamp: a model that fails it is exported again next time
+            written = sorted(path.name for path in model_dir.iterdir() if path.is_file() and path.name != STAMP_FILE)
+            onnx_io.write_atomically(model_dir / STAMP_FILE, json.dumps(
+                {"fingerprint": expected, "files": written, **report}, default=str).encode())
+            exported.append(model.name)
         copy_shared_files(repository, log, model.name)  # at once: a later model's failed export leaves no stale copy
     return exported
 

@@ -29,12 +29,17 @@ def _made_by(directory: str) -> int | None:
         return None
 
 
+def _mark_as_made_here(directory: str) -> None:
+    """Name this process in `directory`'s marker: the master that removes it at exit."""
+    with open(os.path.join(directory, OWNED_MARKER), "w") as marker:
+        marker.write(str(os.getpid()))
+
+
 _loaded_by = os.getpid()  # under --daemon, not the master: gunicorn forks it off after reading this file
 _prometheus_dir = _settings.prometheus_multiproc_dir
 if not _prometheus_dir or _made_by(_prometheus_dir) not in (None, os.getpid()):
     _prometheus_dir = tempfile.mkdtemp(prefix="gateway-prometheus-")
-    with open(os.path.join(_prometheus_dir, OWNED_MARKER), "w") as _marker:
-        _marker.write(str(os.getpid()))
+    _mark_as_made_here(_prometheus_dir)
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = _prometheus_dir  # inherited by the workers
 
 bind = [f"{_settings.host}:{_settings.port}"]
@@ -65,8 +70,7 @@ def on_starting(server):
 
     os.makedirs(_prometheus_dir, exist_ok=True)
     if _made_by(_prometheus_dir) == _loaded_by != os.getpid():  # daemonized since: the marker names the master now
-        with open(os.path.join(_prometheus_dir, OWNED_MARKER), "w") as marker:
-            marker.write(str(os.getpid()))
+        _mark_as_made_here(_prometheus_dir)
     for name in os.listdir(_prometheus_dir):
         if name.endswith(".db"):  # prometheus_client's files only, whatever else the directory holds
             os.remove(os.path.join(_prometheus_dir, name))

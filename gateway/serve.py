@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -123,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv, defaults)
     if args.triton_url is None and "triton_url" in Settings.set_in():
         args.triton_url = defaults.triton_url  # the caller named a Triton: use it, start none
-    from ensemble.triton.launcher import interrupting_signals, require_free_port, with_parent_death_signal
+    from ensemble.triton.launcher import (interrupting_signals, require_free_port, stop_requested_by_signals,
+                                          with_parent_death_signal)
 
     triton = None
     gunicorn = None
@@ -148,9 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         env=gateway_environment(settings), start_new_session=True)
             base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{port}"
             _wait_for_gateway(base, gunicorn, START_TIMEOUT_S)
-        stop_requested = threading.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda *_: stop_requested.set())
+        stop_requested = stop_requested_by_signals()
         print(f"\ngateway ready ({settings.workers} workers x {settings.threads} threads)\n"
               f"  web page  {base}/\n  API       POST {base}/v1/detect   (OpenAPI: {base}/openapi.json)\n"
               f"  metrics   {base}/metrics" + (f"  and port {settings.metrics_port} (own process)"

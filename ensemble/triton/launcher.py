@@ -111,6 +111,14 @@ def interrupting_signals() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+def stop_requested_by_signals() -> threading.Event:
+    """An event SIGINT and SIGTERM set from now on: a serving loop stops at its next look, cleanly."""
+    stop_requested = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop_requested.set())
+    return stop_requested
+
+
 def require_free_port(host: str, port: int, purpose: str) -> None:
     """Fail before starting when another process already holds `port`."""
     with socket.socket() as sock:
@@ -384,9 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("interrupted while starting; stopped", file=sys.stderr)
             return 130
-    stop_requested = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop_requested.set())
+    stop_requested = stop_requested_by_signals()
     print(f"tritonserver ready in {server.startup_s:.1f} s\n  grpc    {server.grpc_url}\n"
           f"  http    {server.http_url}\n  metrics {server.metrics_url}\n  log     {server.log_path}", flush=True)
     while not stop_requested.wait(0.5):

@@ -163,10 +163,16 @@ def sample_sum(samples: dict[tuple[str, tuple], float], name: str, **labels: str
     return sum(value for (sample, pairs), value in samples.items() if sample == name and wanted <= set(pairs))
 
 
+def pgrep(*arguments: str) -> list[int]:
+    """The pids `pgrep` finds (`-P PID`: its children; `-x NAME`: processes so named; `-f TEXT`: command lines
+    holding TEXT, a regular expression)."""
+    found = subprocess.run(["pgrep", *arguments], capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in found]
+
+
 def children(pid: int) -> list[int]:
     """The processes `pid` started (a gunicorn master's workers)."""
-    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [int(child) for child in found]
+    return pgrep("-P", str(pid))
 
 
 # ---------------------------------------------------------------------------------------------------------

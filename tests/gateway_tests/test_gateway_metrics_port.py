@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from gateway_helpers import REPO_ROOT, Gunicorn, children, free_port, metric_samples, scraped
+from gateway_helpers import REPO_ROOT, Gunicorn, children, free_port, metric_samples, pgrep, scraped
 
 pytestmark = pytest.mark.triton
 
@@ -250,21 +250,8 @@ def test_a_daemonized_gateway_removes_its_metrics_directory_at_exit(gateway_stac
             time.sleep(0.2)
         assert not made.exists()
     finally:  # a daemon is nobody's child: whatever failed above, it must not outlive the test
-        for pid in _processes_mentioning(str(pidfile)):
+        for pid in pgrep("-f", re.escape(str(pidfile))):  # its master and workers, found by the flags they share
             os.kill(pid, signal.SIGKILL)
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    """Pids of the processes whose command line holds `text` (a daemon's master and workers, found by its flags)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                if text.encode() in cmdline.read():
-                    found.append(int(entry))
-        except (FileNotFoundError, ProcessLookupError, NotADirectoryError, PermissionError, ValueError):
-            pass
-    return found
 
 
 def _answers(url: str) -> bool:

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import pytest
 import requests
 
-from gateway_helpers import REPO_ROOT, free_port
+from gateway_helpers import REPO_ROOT, free_port, pgrep
 
 pytestmark = pytest.mark.triton
 
@@ -158,15 +158,7 @@ OWN_TRITON = ("--triton-grpc-port", "0", "--triton-http-port", "0", "--triton-me
 
 def _tritonservers() -> set[int]:
     """Pids of the tritonserver processes on this machine."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                if cmdline.read().split(b"\0")[0].endswith(b"/tritonserver"):
-                    found.add(int(entry))
-        except (FileNotFoundError, ProcessLookupError, NotADirectoryError, PermissionError, ValueError):
-            pass
-    return found
+    return set(pgrep("-x", "tritonserver"))
 
 
 def test_a_taken_gateway_port_is_refused_before_triton_starts(model_repository):
