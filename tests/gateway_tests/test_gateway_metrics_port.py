@@ -78,15 +78,8 @@ def test_the_metrics_port_answers_while_every_worker_thread_is_busy(gateway):
 
 
 def _metrics_processes(master: int) -> list[int]:
-    found = []
-    for pid in children(master):
-        try:
-            with open(f"/proc/{pid}/cmdline") as cmdline:
-                if "gateway.metrics_server" in cmdline.read():
-                    found.append(pid)
-        except FileNotFoundError:  # it exited (and was reaped) since it was listed
-            pass
-    return found
+    """The children of `master` running gateway.metrics_server."""
+    return pgrep("-P", str(master), "-f", r"gateway\.metrics_server")
 
 
 def _replaced(gateway, dead: int) -> int:
