@@ -28,7 +28,8 @@ RULES_DIR = COMPOSE_DIR / "prometheus" / "rules"
 # The metric contract: what the gateway's /metrics exposes (its own families merged with Triton's).
 # Histograms are listed by family name; their _bucket/_sum/_count series are allowed.
 GATEWAY_COUNTERS = ("flask_http_request_total", "flask_http_request_exceptions_total",
-                    "gateway_detections_total", "gateway_errors_total", "gateway_triton_requests_total")
+                    "gateway_detections_total", "gateway_errors_total", "gateway_triton_requests_total",
+                    "gateway_triton_inline_fallbacks_total")
 GATEWAY_GAUGES = ("gateway_inflight_requests", "gateway_worker_threads", "gateway_triton_metrics_up")
 GATEWAY_HISTOGRAMS = ("flask_http_request_duration_seconds", "gateway_stage_duration_seconds",
                       "gateway_faces_per_image", "gateway_detection_confidence", "gateway_image_pixels")
@@ -197,15 +198,22 @@ def bare_rule_references(expr: str, rule_names: Iterable[str]) -> tuple[set[str]
     return bare, decorated
 
 
+MAX_RULE_NESTING = 8  # a rule built on rules built on rules...; deeper is taken for a cycle
+
+
 def inline_recording_rules(expr: str, rules: Mapping[str, str]) -> str:
-    """Replace each bare recording-rule name by `(its expression)`; a decorated reference is an error."""
-    bare, decorated = bare_rule_references(expr, rules)
-    if decorated:
-        raise ValueError(f"recording rules {sorted(decorated)} carry matchers or a range in {expr!r}: "
-                         "they cannot be inlined")
-    for name in sorted(bare, key=len, reverse=True):
-        expr = re.sub(rf"(?<![\w:]){re.escape(name)}(?![\w:])", lambda _: f"({rules[name]})", expr)
-    return expr
+    """Replace each bare recording-rule name by `(its expression)`, and the rules those read in turn; a decorated
+    reference is an error."""
+    for _ in range(MAX_RULE_NESTING):
+        bare, decorated = bare_rule_references(expr, rules)
+        if decorated:
+            raise ValueError(f"recording rules {sorted(decorated)} carry matchers or a range in {expr!r}: "
+                             "they cannot be inlined")
+        if not bare:
+            return expr
+        for name in sorted(bare, key=len, reverse=True):
+            expr = re.sub(rf"(?<![\w:]){re.escape(name)}(?![\w:])", lambda _: f"({rules[name]})", expr)
+    raise ValueError(f"recording rules nest deeper than {MAX_RULE_NESTING} levels (a cycle?) in {expr!r}")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ class ImageResult:
     label_scores: np.ndarray
     model_version: str
     transport: str  # how the pixels reached Triton
+    inline_reason: str | None  # why they went inline although shared memory was on
     decode_ms: float
     inference_ms: float
 
@@ -78,5 +79,5 @@ def detect_in_image(data: bytes, params: DetectParams, settings: Settings, detec
         pixels=decoded.pixels if keep_pixels else None, width=decoded.width, height=decoded.height,
         boxes=boxes_to_original(found.boxes, scaled, decoded.width, decoded.height), scores=found.scores,
         labels=found.labels, label_scores=found.label_scores, model_version=found.model_version,
-        transport=found.transport, decode_ms=decode_ms, inference_ms=inference_ms,
+        transport=found.transport, inline_reason=found.inline_reason, decode_ms=decode_ms, inference_ms=inference_ms,
     )

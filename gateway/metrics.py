@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from gateway.errors import HTTP_STATUS, WERKZEUG_CLIENT_ERRORS, ApiError, error_kind, http_error_code
 from gateway.exemplars import ExemplarStore
+from gateway.shared_memory import INLINE_REASONS
 from gateway.triton_client import INLINE_TRANSPORT, SHARED_MEMORY_TRANSPORT
 
 # What the mask classifier answers (model_repository/postprocess config `labels`); both are created at zero,
@@ -58,8 +59,15 @@ class ServiceMetrics:
         self.triton_requests = Counter(
             "gateway_triton_requests", "Successful Triton calls by how the pixels travelled: system_shared_memory "
             "(GATEWAY_TRITON_SHARED_MEMORY=system) or grpc (inside the request)", ["transport"], registry=registry)
+        self.inline_fallbacks = Counter(
+            "gateway_triton_inline_fallbacks", "Successful Triton calls whose pixels went inside the request although "
+            "GATEWAY_TRITON_SHARED_MEMORY=system, by reason: for good, shm_unusable (this host's /dev/shm) or "
+            "unmappable (Triton cannot open the regions); for that image, create_failed (out of descriptors or "
+            "memory), pool_full (every region in use) or too_large", ["reason"], registry=registry)
         for transport in TRITON_TRANSPORTS:
             self.triton_requests.labels(transport=transport)
+        for reason in INLINE_REASONS:
+            self.inline_fallbacks.labels(reason=reason)
         for label in DETECTION_LABELS:
             self.detections.labels(label=label)
         for error_class, status in HTTP_STATUS.items():
@@ -75,9 +83,12 @@ class ServiceMetrics:
             self.exemplars.record("gateway_stage_duration_seconds", {"stage": stage}, STAGE_BUCKETS, seconds, trace_id)
 
     def observe_image(self, width: int, height: int, labels: Sequence[str], confidences: Sequence[float],
-                      transport: str) -> None:
-        """What one successfully processed image contained, and how its pixels reached Triton."""
+                      transport: str, inline_reason: str | None = None) -> None:
+        """What one successfully processed image contained, and how its pixels reached Triton (and why not through
+        shared memory, when it was on)."""
         self.triton_requests.labels(transport=transport).inc()
+        if inline_reason is not None:
+            self.inline_fallbacks.labels(reason=inline_reason).inc()
         self.image_pixels.observe(width * height)
         self.faces_per_image.observe(len(labels))
         for label, confidence in zip(labels, confidences):

@@ -22,6 +22,8 @@ import numpy as np
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
+from gateway.logging_setup import Throttled
+
 log = logging.getLogger(__name__)
 
 REGION_PREFIX = "facemask-gateway-"  # Triton region name and /dev/shm key of every region the gateway makes
@@ -37,8 +39,26 @@ UNUSABLE_SHM_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.E
                                  errno.ENAMETOOLONG, errno.EINVAL})
 
 
+# Why a worker in "system" mode sent an image inside the request (gateway_triton_inline_fallbacks_total's reason):
+# for good, this host's /dev/shm is unusable or Triton cannot map it; for that image, a region could not be made
+# (EMFILE, ENOMEM), every region was in use, or the image was larger than a region.
+SHM_UNUSABLE, UNMAPPABLE, CREATE_FAILED, POOL_FULL, TOO_LARGE = (
+    "shm_unusable", "unmappable", "create_failed", "pool_full", "too_large")
+INLINE_REASONS = (SHM_UNUSABLE, UNMAPPABLE, CREATE_FAILED, POOL_FULL, TOO_LARGE)
+FAILED_CREATION_LOG_INTERVAL_S = 60.0
+_failed_creations = Throttled(log, FAILED_CREATION_LOG_INTERVAL_S)
+
+
 class SharedMemoryUnavailable(Exception):
     """Triton cannot map this host's shared memory: it runs elsewhere or in a container without /dev/shm."""
+
+
+class NoRegionForNow(Exception):
+    """This image gets no region (`reason`: CREATE_FAILED or POOL_FULL); the next one may."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 def region_bytes(max_side: int, max_pixels: int) -> int:
@@ -86,7 +106,7 @@ class RegionPool:
         self.client = client  # a tritonclient.grpc.InferenceServerClient
         self.byte_size = byte_size
         self.prefix = f"{worker_prefix(os.getpid())}{secrets.token_hex(4)}-"
-        self.available = True  # False once Triton has said it cannot map our regions
+        self.unavailable: str | None = None  # for good: SHM_UNUSABLE or UNMAPPABLE, once found out
         self._lock = threading.Lock()
         self._free: list[Region] = []
         self._all: list[Region] = []  # registered by their creator; what register_again registers again
@@ -94,26 +114,32 @@ class RegionPool:
         self._serial = itertools.count()  # a name is never reused, even after a failed registration
         self._swept = False
 
-    def fits(self, array: np.ndarray) -> bool:
-        return self.available and array.nbytes <= self.byte_size
+    @property
+    def available(self) -> bool:
+        return self.unavailable is None
+
+    def refusal(self, array: np.ndarray) -> str | None:
+        """Why `array` cannot travel through this pool at all (SHM_UNUSABLE, UNMAPPABLE, TOO_LARGE), else None."""
+        if self.unavailable is not None:
+            return self.unavailable
+        return TOO_LARGE if array.nbytes > self.byte_size else None
 
     @contextmanager
-    def lease(self) -> Iterator[Region | None]:
-        """A registered region for one request (None when the pool is full: send that image inline)."""
+    def lease(self) -> Iterator[Region]:
+        """A registered region for one request; NoRegionForNow when none can be had (send that image inline)."""
         region = self._take()
         try:
             yield region
         finally:
-            if region is not None:
-                with self._lock:
-                    self._free.append(region)
+            with self._lock:
+                self._free.append(region)
 
-    def _take(self) -> Region | None:
+    def _take(self) -> Region:
         with self._lock:
             if self._free:
                 return self._free.pop()
             if len(self._all) + self._creating >= MAX_REGIONS_PER_WORKER:
-                return None
+                raise NoRegionForNow(POOL_FULL)
             self._creating += 1
             name = f"{self.prefix}{next(self._serial)}"
         # A region joins the pool only once registered: until then a concurrent register_again (Triton restarted)
@@ -124,11 +150,13 @@ class RegionPool:
             except shm.SharedMemoryException as error:
                 cause = error.__cause__
                 if isinstance(cause, OSError) and cause.errno in UNUSABLE_SHM_ERRNOS:  # no usable /dev/shm here
-                    self.available = False
+                    self.unavailable = SHM_UNUSABLE
                     raise SharedMemoryUnavailable(f"cannot create a shared-memory region here: {cause}") from None
-                log.warning("could not create a shared-memory region (%s); this image goes inside the request",
-                            cause or error)  # out of descriptors or memory for now: the next one tries again
-                return None
+                # Out of descriptors or memory for now: the next image tries again, and while it lasts every
+                # image would say so.
+                _failed_creations.warning(str(getattr(cause, "errno", "")), "could not create a shared-memory "
+                                          "region (%s); this image goes inside the request", cause or error)
+                raise NoRegionForNow(CREATE_FAILED) from None
             try:
                 self._register(region)
             except BaseException:
@@ -136,6 +164,7 @@ class RegionPool:
                 raise
             with self._lock:
                 self._all.append(region)
+            _failed_creations.settle()
             return region
         finally:
             with self._lock:
@@ -168,7 +197,7 @@ class RegionPool:
             region.register(self.client)
         except InferenceServerException as error:
             if UNMAPPABLE_HINT in (error.message() or "").lower():
-                self.available = False
+                self.unavailable = UNMAPPABLE
                 raise SharedMemoryUnavailable(error.message()) from None
             raise
 

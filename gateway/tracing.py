@@ -11,7 +11,7 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
-from flask import Flask, current_app, has_app_context, has_request_context, request
+from flask import Flask, current_app, g, has_app_context, has_request_context, request
 from opentelemetry import trace
 from opentelemetry.instrumentation.flask import FlaskInstrumentor
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -39,6 +39,9 @@ GRPC_STATUS_CODES = {"OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 
                      "INTERNAL": 13, "UNAVAILABLE": 14, "DATA_LOSS": 15, "UNAUTHENTICATED": 16}
 
 PROVIDER_KEY = "tracer_provider"  # in app.extensions
+# The API's error code (and whose fault it is) on a span whose work ended in an error answer: the server span of
+# the request, and the CLIENT span of each failed Triton call (a batch's images fail each in their own way).
+ERROR_CODE_ATTRIBUTE, ERROR_KIND_ATTRIBUTE = "gateway.error.code", "gateway.error.kind"
 
 _W3C = TraceContextTextMapPropagator()
 _global_set_in: int | None = None  # the pid whose global TracerProvider is set (once per process image)
@@ -127,6 +130,14 @@ def register_tracing(app: Flask, settings: Settings) -> None:
     FlaskInstrumentor().instrument_app(app, tracer_provider=provider, response_hook=withhold_client_details,
                                        excluded_urls=",".join(operational_url_patterns()))
 
+    @app.after_request
+    def _name_the_error(response):
+        """An error answer's API code on the server span: a 503 says which (Triton gone, model missing), a 429 is
+        there at all (4xx leave the span's status unset)."""
+        if g.get("error_code"):
+            set_server_span_attributes(**{ERROR_CODE_ATTRIBUTE: g.error_code, ERROR_KIND_ATTRIBUTE: g.error_kind})
+        return response
+
 
 def withhold_client_details(span: trace.Span, status: str, response_headers) -> None:
     """Keep the caller's address, user agent and query values (thresholds, anything else) out of the server span.
@@ -198,14 +209,16 @@ def triton_call_span(settings: Settings) -> Iterator[trace.Span]:
         yield span
 
 
-def set_rpc_status(span: trace.Span, status_name: str) -> None:
-    """Record the gRPC status ("OK", "UNAVAILABLE", ...; "" when the client library failed before any status)."""
+def set_rpc_status(span: trace.Span, status_name: str, error: BaseException | None = None) -> None:
+    """Record the gRPC status ("OK", "UNAVAILABLE", ...; "" when the call failed before any status, `error` then
+    naming what failed by its class)."""
     code = GRPC_STATUS_CODES.get(status_name)
     if code is not None:
         span.set_attribute("rpc.grpc.status_code", code)
     if status_name != "OK":
-        span.set_attribute("error.type", status_name or "client_error")
-        span.set_status(Status(StatusCode.ERROR, status_name or "client_error"))
+        error_type = status_name or (type(error).__qualname__ if error is not None else "_OTHER")
+        span.set_attribute("error.type", error_type)
+        span.set_status(Status(StatusCode.ERROR, error_type))
 
 
 def _sampled_context() -> trace.SpanContext | None:

@@ -13,8 +13,9 @@ from gateway.errors import (ApiError, InferenceRejected, ModelNotReady, TritonOv
                             TritonUnreachable, UpstreamError)
 from gateway.logging_setup import Throttled
 from gateway.settings import SHARED_MEMORY_SYSTEM, Settings
-from gateway.shared_memory import RegionPool, SharedMemoryUnavailable, is_unknown_region, region_bytes
-from gateway.tracing import set_rpc_status, triton_call_span, triton_trace_headers
+from gateway.shared_memory import (NoRegionForNow, RegionPool, SharedMemoryUnavailable, is_unknown_region,
+                                   region_bytes)
+from gateway.tracing import ERROR_CODE_ATTRIBUTE, set_rpc_status, triton_call_span, triton_trace_headers
 
 log = logging.getLogger(__name__)
 FAILURE_LOG_INTERVAL_S = 10.0  # a Triton outage fails every request: one line per status this often, with a count
@@ -34,6 +35,7 @@ SHUTTING_DOWN_HINTS = ("server is stopping", "stopped accepting", "server not re
 INPUT_NAME = "IMAGE"
 # The CLIENT span's attribute saying how the pixels travelled: "system_shared_memory" or "grpc" (inline).
 TRANSPORT_ATTRIBUTE = "triton.input.transport"
+INLINE_REASON_ATTRIBUTE = "triton.input.inline_reason"  # with shared memory on: why these pixels went inline
 SHARED_MEMORY_TRANSPORT, INLINE_TRANSPORT = "system_shared_memory", "grpc"  # also gateway_triton_requests' label
 
 
@@ -47,6 +49,7 @@ class ModelDetections:
     label_scores: np.ndarray  # [N] float32 probability of the label
     model_version: str
     transport: str  # how the pixels travelled: "system_shared_memory" or "grpc"
+    inline_reason: str | None = None  # why they went inline although shared memory was on (shared_memory.py)
 
 
 @dataclass(frozen=True)
@@ -114,14 +117,16 @@ class TritonDetector:
         image = np.ascontiguousarray(image_bgr[np.newaxis])
         with triton_call_span(self.settings) as span:  # current during the call: Triton's spans hang under it
             try:
-                result, transport = self._send(image, parameters or None, span)
+                result, transport, inline_reason = self._send(image, parameters or None, span)
             except InferenceServerException as error:
-                set_rpc_status(span, _status_name(error))
+                set_rpc_status(span, _status_name(error), error)
                 _failures.warning(str(error.status()), "triton infer failed: status=%s detail=%s", error.status(),
                                   error.message())
-                raise translate_error(error, self.settings) from None
+                answer = translate_error(error, self.settings)
+                span.set_attribute(ERROR_CODE_ATTRIBUTE, answer.code)  # what the caller is told, per image
+                raise answer from None
             except Exception as error:  # failed before any gRPC status (a shared-memory error, say): a 500
-                set_rpc_status(span, "")
+                set_rpc_status(span, "", error)
                 span.record_exception(error)
                 raise
             set_rpc_status(span, "OK")
@@ -133,27 +138,35 @@ class TritonDetector:
             scores=result.as_numpy("SCORES").reshape(-1)[:count],
             labels=[label.decode() if isinstance(label, bytes) else str(label) for label in labels],
             label_scores=result.as_numpy("LABEL_SCORES").reshape(-1)[:count],
-            model_version=result.get_response().model_version, transport=transport,
+            model_version=result.get_response().model_version, transport=transport, inline_reason=inline_reason,
         )
 
-    def _send(self, image: np.ndarray, parameters: dict | None, span) -> tuple[grpcclient.InferResult, str]:
+    def _send(self, image: np.ndarray, parameters: dict | None,
+              span) -> tuple[grpcclient.InferResult, str, str | None]:
         """The pixels through a shared-memory region when one can carry them, else inside the request.
 
-        Returns Triton's result and the transport used (the CLIENT span's TRANSPORT_ATTRIBUTE).
+        Returns Triton's result, the transport used (the CLIENT span's TRANSPORT_ATTRIBUTE) and, when shared memory
+        is on and the pixels went inline all the same, why (INLINE_REASON_ATTRIBUTE).
         """
-        if self._regions is not None and self._regions.fits(image):
-            try:
-                with self._regions.lease() as region:
-                    if region is not None:  # None: every region is in use and the pool is full
+        inline_reason = None
+        if self._regions is not None:
+            inline_reason = self._regions.refusal(image)
+            if inline_reason is None:
+                try:
+                    with self._regions.lease() as region:
                         span.set_attribute(TRANSPORT_ATTRIBUTE, SHARED_MEMORY_TRANSPORT)
-                        return self._infer_from_region(region, image, parameters), SHARED_MEMORY_TRANSPORT
-            except SharedMemoryUnavailable as reason:
-                log.warning("shared memory cannot carry images to Triton at %s (%s); this worker sends images "
-                            "inside the gRPC request from now on", self.settings.triton_url, reason)
+                        return self._infer_from_region(region, image, parameters), SHARED_MEMORY_TRANSPORT, None
+                except NoRegionForNow as no_region:
+                    inline_reason = no_region.reason
+                except SharedMemoryUnavailable as reason:
+                    log.warning("shared memory cannot carry images to Triton at %s (%s); this worker sends images "
+                                "inside the gRPC request from now on", self.settings.triton_url, reason)
+                    inline_reason = self._regions.unavailable
+            span.set_attribute(INLINE_REASON_ATTRIBUTE, inline_reason)
         span.set_attribute(TRANSPORT_ATTRIBUTE, INLINE_TRANSPORT)
         request_input = grpcclient.InferInput(INPUT_NAME, list(image.shape), "UINT8")
         request_input.set_data_from_numpy(image)
-        return self._infer(request_input, parameters), INLINE_TRANSPORT
+        return self._infer(request_input, parameters), INLINE_TRANSPORT, inline_reason
 
     def _infer_from_region(self, region, image: np.ndarray, parameters: dict | None) -> grpcclient.InferResult:
         """The pixels copied into `region`, the request naming it; registered again if Triton restarted since."""

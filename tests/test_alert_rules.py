@@ -93,6 +93,15 @@ def test_every_alert_has_severity_for_and_annotations():
         assert {"summary", "description"} <= set(rule.get("annotations", {})), name
 
 
+def test_every_alert_links_its_own_runbook_section():
+    """runbook_url names docs/observability.md and the anchor GitHub gives the alert's `#### <Alert>` heading."""
+    docs = COMPOSE.parent / "docs" / "observability.md"
+    headings = {line[5:].strip() for line in docs.read_text().splitlines() if line.startswith("#### ")}
+    for name, rule in alerts().items():
+        assert rule["annotations"].get("runbook_url") == f"docs/observability.md#{name.lower()}", name
+        assert name in headings, f"docs/observability.md has no '#### {name}' section"
+
+
 def test_alertmanager_inhibition_names_existing_alerts():
     config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
     names = set(alerts())

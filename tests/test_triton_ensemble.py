@@ -1,13 +1,18 @@
 """The mask_detection ensemble in a real tritonserver equals the in-process reference pipeline."""
+import time
 from concurrent.futures import ThreadPoolExecutor
+from queue import Queue
 
 import numpy as np
 import pytest
+import requests
 import tritonclient.grpc as grpcclient
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from ensemble.reference import Detections
 from ensemble.sample_images import image_variants, real_images
+from ensemble.triton.config import load_config
 from ensemble.ssd import pairwise_iou
 
 pytestmark = pytest.mark.triton
@@ -129,6 +134,49 @@ def test_same_size_frames_that_queue_together_are_preprocessed_in_one_execution(
         if now_executions - executions < now_inferences - inferences:
             return
     pytest.fail("16 concurrent same-size frames never shared a preprocess execution in 5 tries")
+
+
+def _failures(metrics_url: str) -> dict[str, float]:
+    """Triton's nv_inference_request_failure per model, summed over reasons."""
+    text = requests.get(metrics_url, timeout=10).text
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "nv_inference_request_failure_total":  # the parser names counter samples so
+                counts[sample.labels["model"]] = counts.get(sample.labels["model"], 0) + sample.value
+    return counts
+
+
+def test_a_burst_beyond_the_detectors_queue_is_refused_at_once_and_counted_on_the_ensemble_only(
+        client, triton_server, model_repository):
+    """The shipped queue bound: frames beyond it are refused as UNAVAILABLE (the gateway's 429), not queued.
+
+    Triton counts the refusal on the ensemble (reason OTHER), not on face_detector, whose queue refused it: the
+    TritonInferenceFailures alert reads the composing models only, so overload reaches GatewayTritonOverloaded.
+    """
+    queue = load_config(model_repository / "face_detector").dynamic_batching.default_queue_policy.max_queue_size
+    assert queue > 0
+    burst = 4 * queue
+    frame = image_input(NO_FACE[None])
+    failures_before = _failures(triton_server.metrics_url)
+    outcomes: "Queue[InferenceServerException | None]" = Queue()
+    for _ in range(burst):
+        client.async_infer(MODEL, [frame], lambda result, error: outcomes.put(error), client_timeout=120)
+    errors = [outcomes.get(timeout=180) for _ in range(burst)]
+    refused = [error for error in errors if error is not None]
+    assert refused, f"{burst} requests at once never overflowed a queue of {queue}"
+    assert {(error.status(), "Exceeds maximum queue size" in error.message()) for error in refused} == {
+        ("StatusCode.UNAVAILABLE", True)}
+    assert burst - len(refused) >= queue  # a full queue's worth was served
+    assert len(detect(client, [IMAGES["grace_hopper"]])[0]) == 1  # and the server carries on
+    deadline = time.monotonic() + 30  # Triton's metrics lag its answers by up to its metrics interval
+    while not (grown := _grown(_failures(triton_server.metrics_url), failures_before)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert grown == {MODEL}
+
+
+def _grown(now: dict[str, float], before: dict[str, float]) -> set[str]:
+    return {model for model, count in now.items() if count > before.get(model, 0)}
 
 
 def test_image_without_faces_gives_empty_outputs(client):

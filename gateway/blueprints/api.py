@@ -129,8 +129,8 @@ def _record(result: ImageResult) -> None:
     """One processed image into the metrics and the access log (its stages go through _record_stages)."""
     # only what the metrics need: the result may hold a full-size frame, not to be kept while the answer is sent
     metrics, size, labels = service_metrics(), (result.width, result.height), result.labels
-    label_scores, transport = result.label_scores, result.transport
-    after_response(lambda: metrics.observe_image(*size, labels, label_scores, transport))
+    label_scores, transport, inline_reason = result.label_scores, result.transport, result.inline_reason
+    after_response(lambda: metrics.observe_image(*size, labels, label_scores, transport, inline_reason))
     g.faces = g.get("faces", 0) + len(result.labels)
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 import io
 import os
 import signal
+import socket
 import struct
 import subprocess
 import time
 import zlib
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -177,16 +178,13 @@ def children(pid: int) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------------------
 # Real servers
-class RestartedTritonServer(TritonServer):
-    """A TritonServer restarted on its predecessor's ports.
-
-    The launcher's free-port check binds without SO_REUSEADDR, so it refuses a port whose old connections
-    are in TIME_WAIT for a minute after Triton stops; tritonserver itself binds with SO_REUSEADDR, so the
-    check is skipped here.
-    """
-
-    def _claim_ports(self) -> None:
-        pass
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct ports nothing listens on right now: each held open until all are picked."""
+    with ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
 
 
 class Gunicorn:
@@ -238,29 +236,36 @@ class GatewayStack:
     """tritonserver + gunicorn gateway(s) as subprocesses; Triton can be stopped and restarted.
 
     `gateway_env` is written over the gateway's environment (OTEL_*, GATEWAY_*); `triton_trace` starts Triton
-    with OpenTelemetry tracing, `triton_args` adds tritonserver flags.
+    with OpenTelemetry tracing, `triton_args` adds tritonserver flags; `metrics_port` gives the gateway a
+    metrics port of its own (GATEWAY_METRICS_PORT, then `self.metrics_port`).
     """
 
     def __init__(self, model_repository: Path, log_dir: Path, *, workers: int = 2,
                  gateway_env: Mapping[str, str] | None = None, triton_trace: TraceSettings | None = None,
-                 triton_args: Sequence[str] = ()):
+                 triton_args: Sequence[str] = (), metrics_port: bool = False):
         self.model_repository = model_repository
         self.log_dir = log_dir
         self.workers = workers
         self.gateway_env = dict(gateway_env or {})
         self.triton_trace = triton_trace
         self.triton_args = list(triton_args)
+        self.wants_metrics_port = metrics_port
         self.triton: TritonServer | None = None
         self.gateway: Gunicorn | None = None
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        # Picked by start_gateway, just before gunicorn binds them: picked earlier, Triton's own kernel-picked
+        # ports could take them in between.
+        self.port: int | None = None
+        self.metrics_port: int | None = None  # GATEWAY_METRICS_PORT, when asked for
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     # --- Triton ---
     def start_triton(self, same_ports_as: TritonServer | None = None) -> None:
-        kind, ports = (TritonServer, {}) if same_ports_as is None else (RestartedTritonServer, {
-            f"{name}_port": port for name, port in same_ports_as.ports.items()})
-        self.triton = kind(self.model_repository, log_file=self.log_dir / "tritonserver.log",
-                           trace=self.triton_trace, extra_args=self.triton_args, **ports)
+        ports = {} if same_ports_as is None else {f"{name}_port": port for name, port in same_ports_as.ports.items()}
+        self.triton = TritonServer(self.model_repository, log_file=self.log_dir / "tritonserver.log",
+                                   trace=self.triton_trace, extra_args=self.triton_args, **ports)
         self.triton.start()
 
     def stop_triton(self) -> TritonServer:
@@ -280,10 +285,15 @@ class GatewayStack:
         env.update(self.gateway_env)
         if port not in (None, self.port):  # another gateway beside the stack's own: its metrics port is taken
             env.pop("GATEWAY_METRICS_PORT", None)
+        elif self.metrics_port is not None:
+            env["GATEWAY_METRICS_PORT"] = str(self.metrics_port)
         env.update(overrides or {})
         return env
 
     def start_gateway(self) -> None:
+        """gunicorn on ports picked now, with Triton's already bound (a restart keeps the first ones)."""
+        if self.port is None:
+            self.port, self.metrics_port = free_ports(2) if self.wants_metrics_port else (free_port(), None)
         self.gateway = Gunicorn(self.environment(), self.log_dir / "gunicorn.log").start()
 
     def start_another_gateway(self, name: str, overrides: Mapping[str, str] | None = None) -> Gunicorn:

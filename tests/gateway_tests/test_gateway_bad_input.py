@@ -5,6 +5,8 @@ import re
 
 import numpy as np
 import pytest
+import requests
+from urllib3 import encode_multipart_formdata
 
 from gateway_helpers import children, corrupted, encode, png_bomb_header
 
@@ -133,6 +135,33 @@ def test_chunked_upload_of_exactly_the_limit_is_served(gateway_url, http, hopper
 def test_oversized_multipart_image(gateway_url, http):
     response = http.post(gateway_url + "/v1/detect", files={"image": ("big.jpg", b"\xff" * (TEN_MIB + 1))})
     assert_error(response, 413, "payload_too_large")
+
+
+@pytest.fixture(scope="module")
+def small_batch_gateway(gateway_stack, hopper_jpeg):
+    """A one-worker gateway whose batch limit (GATEWAY_MAX_BATCH_BYTES) one hopper_jpeg fits and two do not."""
+    limit = len(hopper_jpeg) * 3 // 2
+    gateway = gateway_stack.start_another_gateway("small-batch-limit", {
+        "GATEWAY_MAX_BATCH_BYTES": str(limit), "GATEWAY_WORKERS": "1"})
+    yield gateway, limit
+    gateway.stop()
+
+
+@pytest.mark.parametrize("sent", ["content-length", "chunked"])
+def test_a_batch_over_its_byte_limit_is_413_and_the_gateway_goes_on(small_batch_gateway, hopper_jpeg, sent):
+    gateway, limit = small_batch_gateway
+    body, content_type = encode_multipart_formdata([("images", (f"{i}.jpg", hopper_jpeg, "image/jpeg"))
+                                                    for i in range(2)])
+    assert len(body) > limit
+    # a new connection for each: a body over the limit is not drained, so its connection is closed after the 413
+    response = requests.post(gateway.url + "/v1/detect/batch", data=body if sent == "content-length" else
+                             _chunks(body, 16 * 1024), headers={"Content-Type": content_type}, timeout=60)
+    assert (response.request.headers.get("Transfer-Encoding") == "chunked") is (sent == "chunked")
+    assert_error(response, 413, "payload_too_large", str(limit))
+    one = requests.post(gateway.url + "/v1/detect/batch", files=[("images", ("0.jpg", hopper_jpeg, "image/jpeg"))],
+                        timeout=60)
+    assert one.status_code == 200, one.text
+    assert len(one.json()["results"][0]["detections"]) == 1
 
 
 def test_pixel_bomb_is_refused_without_decoding(gateway_url, http):

@@ -38,7 +38,7 @@ from gateway.settings import Settings
 from gateway.shared_memory import (MAX_REGION_BYTES, SHM_DIR, region_bytes, registered_regions,
                                    remove_region_files, worker_prefix)
 from gateway.tracing import PROVIDER_KEY
-from gateway.triton_client import TRANSPORT_ATTRIBUTE, TritonDetector
+from gateway.triton_client import INLINE_REASON_ATTRIBUTE, TRANSPORT_ATTRIBUTE, TritonDetector
 
 live = pytest.mark.triton
 IN_FLIGHT = ("gateway_inflight_requests", ())  # the gauge's one series, summed over workers
@@ -61,7 +61,7 @@ try:
     runs = [detector.detect(image) for _ in range(2)]
     print(json.dumps({"shm_before": shm_before, "faces": [len(run.labels) for run in runs],
                       "boxes": [run.boxes.tolist() for run in runs], "labels": [run.labels for run in runs],
-                      "available": detector._regions.available}))
+                      "available": detector._regions.available, "reasons": [run.inline_reason for run in runs]}))
 finally:
     detector.close()
 """
@@ -83,7 +83,7 @@ try:
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     after = detector.detect(image)
     print(json.dumps({"labels": [short.labels, after.labels], "transports": [short.transport, after.transport],
-                      "available": detector._regions.available}))
+                      "available": detector._regions.available, "reasons": [short.inline_reason, after.inline_reason]}))
 finally:
     detector.close()
 """
@@ -116,6 +116,11 @@ def captured_spans() -> Iterator[InMemorySpanExporter]:
 
 def transports(exporter: InMemorySpanExporter) -> list[str]:
     return [span.attributes.get(TRANSPORT_ATTRIBUTE) for span in exporter.get_finished_spans()
+            if span.kind == SpanKind.CLIENT]
+
+
+def inline_reasons(exporter: InMemorySpanExporter) -> list[str | None]:
+    return [span.attributes.get(INLINE_REASON_ATTRIBUTE) for span in exporter.get_finished_spans()
             if span.kind == SpanKind.CLIENT]
 
 
@@ -223,8 +228,10 @@ def test_an_image_larger_than_a_region_goes_inline(triton_url, inline_detector, 
     detector = TritonDetector(Settings(triton_url=triton_url, max_side=0, max_pixels=image.shape[0] * 10))
     try:
         with captured_spans() as spans:
-            assert_same_detections(detector.detect(image), inline_detector.detect(image))
+            found = detector.detect(image)
+            assert_same_detections(found, inline_detector.detect(image))
         assert transports(spans) == ["grpc", "grpc"]
+        assert inline_reasons(spans) == [shared_memory.TOO_LARGE, None] and found.inline_reason == "too_large"
         assert registered(triton_url, detector._regions.prefix) == {}
         assert region_files(detector._regions.prefix) == []
     finally:
@@ -292,6 +299,29 @@ def test_a_region_being_created_while_another_thread_registers_again_is_kept(tri
 
 
 @live
+def test_an_image_that_finds_every_region_in_use_goes_inline_and_says_so(triton_url, inline_detector, real_images,
+                                                                         monkeypatch):
+    """A pool of one region (the limit lowered from 64), held by a request in flight: the next image goes inline
+    with reason pool_full, and the one after it, with the region free again, through shared memory."""
+    monkeypatch.setattr(shared_memory, "MAX_REGIONS_PER_WORKER", 1)
+    image = real_images["grace_hopper"]
+    want = inline_detector.detect(image)
+    detector = TritonDetector(Settings(triton_url=triton_url))
+    try:
+        with captured_spans() as spans:
+            with detector._regions.lease():
+                crowded = detector.detect(image)
+            freed = detector.detect(image)
+        assert_same_detections(crowded, want)
+        assert_same_detections(freed, want)
+        assert (crowded.transport, crowded.inline_reason) == ("grpc", shared_memory.POOL_FULL)
+        assert (freed.transport, freed.inline_reason) == ("system_shared_memory", None)
+        assert inline_reasons(spans) == [shared_memory.POOL_FULL, None]
+    finally:
+        detector.close()
+
+
+@live
 def test_a_gateway_whose_shared_memory_triton_cannot_map_sends_inline(triton_url, inline_detector, real_images,
                                                                        tmp_path):
     """Triton on another host or container: the first request finds out, warns once, and every request works."""
@@ -299,7 +329,7 @@ def test_a_gateway_whose_shared_memory_triton_cannot_map_sends_inline(triton_url
     want = inline_detector.detect(image)
     answer, stderr = detect_in_private_shm(triton_url, image, tmp_path)
     assert answer["shm_before"] == []  # the child really had a /dev/shm of its own
-    assert answer["available"] is False
+    assert answer["available"] is False and answer["reasons"] == [shared_memory.UNMAPPABLE] * 2
     assert answer["faces"] == [len(want.labels)] * 2
     for boxes, labels in zip(answer["boxes"], answer["labels"]):
         assert labels == want.labels
@@ -314,7 +344,7 @@ def test_a_gateway_that_cannot_create_regions_sends_inline(triton_url, inline_de
     image = real_images["grace_hopper"]
     want = inline_detector.detect(image)
     answer, stderr = detect_in_private_shm(triton_url, image, tmp_path, mount_options="ro")
-    assert answer["available"] is False
+    assert answer["available"] is False and answer["reasons"] == [shared_memory.SHM_UNUSABLE] * 2
     assert answer["faces"] == [len(want.labels)] * 2 and answer["labels"] == [want.labels] * 2
     assert stderr.count(INLINE_WARNING) == 1, stderr
     assert "cannot create a shared-memory region here" in stderr and "Read-only file system" in stderr
@@ -335,6 +365,7 @@ def test_a_region_that_cannot_be_created_for_now_sends_that_image_inline_only(tr
     answer = json.loads(done.stdout.strip().splitlines()[-1])
     assert answer["labels"] == [want.labels] * 2
     assert answer["transports"] == ["grpc", "system_shared_memory"] and answer["available"] is True
+    assert answer["reasons"] == [shared_memory.CREATE_FAILED, None]
     assert "could not create a shared-memory region" in done.stderr and "Too many open files" in done.stderr
     assert INLINE_WARNING not in done.stderr
 
@@ -364,7 +395,7 @@ def test_a_triton_that_comes_back_unable_to_map_the_regions_gets_pixels_inline(t
         for _ in range(2):
             with captured_spans() as spans:
                 assert_same_detections(detector.detect(image), want)
-            assert transports(spans) == ["grpc"]
+            assert transports(spans) == ["grpc"] and inline_reasons(spans) == [shared_memory.UNMAPPABLE]
         assert pool.available is False and registered(triton_url, pool.prefix) == {}
     finally:
         for path in moved:

@@ -17,7 +17,7 @@ from gateway.errors import (InferenceRejected, InvalidParameter, ModelNotReady, 
 from gateway.params import parse_detect_params
 from gateway.request_id import request_id_from
 from gateway.settings import Settings
-from gateway.tracing import PROVIDER_KEY, triton_trace_headers
+from gateway.tracing import ERROR_CODE_ATTRIBUTE, PROVIDER_KEY, triton_trace_headers
 from gateway.triton_client import TritonDetector, translate_error
 
 
@@ -67,13 +67,19 @@ def test_sampled_out_spans_send_no_trace_context():
     assert triton_trace_headers() is None  # and none outside any span
 
 
-def test_a_failure_before_any_grpc_status_marks_the_triton_span_failed():
-    """The fake: the pixels cannot be written (a full /dev/shm, say), a fault not safely caused on a shared host."""
+def _app_recording_spans() -> tuple[Flask, InMemorySpanExporter]:
+    """An app whose tracer (what TritonDetector uses inside its context) samples and keeps every span."""
     spans = InMemorySpanExporter()
     provider = TracerProvider(sampler=ALWAYS_ON)
     provider.add_span_processor(SimpleSpanProcessor(spans))
     app = Flask(__name__)
     app.extensions[PROVIDER_KEY] = provider
+    return app, spans
+
+
+def test_a_failure_before_any_grpc_status_marks_the_triton_span_failed():
+    """The fake: the pixels cannot be written (a full /dev/shm, say), a fault not safely caused on a shared host."""
+    app, spans = _app_recording_spans()
     detector = TritonDetector(Settings(triton_url="127.0.0.1:1", triton_shared_memory="off"))
 
     def fail(*_):
@@ -87,8 +93,23 @@ def test_a_failure_before_any_grpc_status_marks_the_triton_span_failed():
         detector.close()
     (span,) = spans.get_finished_spans()
     assert span.name.endswith("/ModelInfer") and span.status.status_code is StatusCode.ERROR
-    assert span.attributes["error.type"] == "client_error"
+    assert span.attributes["error.type"] == "OSError"
     assert [event.name for event in span.events] == ["exception"]
+
+
+def test_a_failed_triton_call_names_the_callers_error_code_on_its_span():
+    """A real refused connection (nothing listens on port 1): the CLIENT span says UNAVAILABLE and which answer the
+    caller got, since one gRPC status stands for several (Triton gone, model missing, queue full)."""
+    app, spans = _app_recording_spans()
+    detector = TritonDetector(Settings(triton_url="127.0.0.1:1", triton_shared_memory="off", triton_timeout_s=5))
+    try:
+        with app.app_context(), pytest.raises(TritonUnreachable):
+            detector.detect(np.zeros((8, 8, 3), np.uint8))
+    finally:
+        detector.close()
+    (span,) = spans.get_finished_spans()
+    assert span.status.status_code is StatusCode.ERROR and span.attributes["error.type"] == "UNAVAILABLE"
+    assert span.attributes[ERROR_CODE_ATTRIBUTE] == TritonUnreachable.code == "triton_unreachable"
 
 
 @pytest.mark.parametrize("query, error", [

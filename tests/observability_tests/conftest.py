@@ -14,7 +14,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gateway_tests"))
 
-from gateway_helpers import GatewayStack, free_port  # noqa: E402
+from gateway_helpers import GatewayStack  # noqa: E402
 from observed import BSP_DELAY_MS, GATEWAY_SERVICE  # noqa: E402
 from otlp_receiver import OtlpReceiver  # noqa: E402
 
@@ -41,9 +41,8 @@ def observed_stack(model_repository, observed_dir, otlp_receiver):
     multiproc_dir.mkdir(exist_ok=True)
     access_log = observed_dir / "access.log"
     access_log.write_text("")
-    metrics_port = free_port()  # Prometheus scrapes this port, as in compose/
     stack = GatewayStack(
-        model_repository, observed_dir, workers=2,
+        model_repository, observed_dir, workers=2, metrics_port=True,  # Prometheus scrapes it, as in compose/
         triton_trace=TraceSettings(otlp_receiver.triton_url, rate=0, bsp_schedule_delay_ms=BSP_DELAY_MS),
         gateway_env={
             "OTEL_SERVICE_NAME": GATEWAY_SERVICE,
@@ -54,9 +53,7 @@ def observed_stack(model_repository, observed_dir, otlp_receiver):
             "OTEL_BSP_SCHEDULE_DELAY": str(BSP_DELAY_MS),
             "PROMETHEUS_MULTIPROC_DIR": str(multiproc_dir),
             "GATEWAY_ACCESS_LOG": str(access_log),
-            "GATEWAY_METRICS_PORT": str(metrics_port),
         })
-    stack.metrics_port = metrics_port
     stack.access_log = access_log
     stack.multiproc_dir = multiproc_dir
     with stack.running():

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 from gateway import create_app, triton_metrics
 from gateway.exemplars import ExemplarStore, bucket_bound
 from gateway.metrics import STAGE_BUCKETS
+from gateway.shared_memory import INLINE_REASONS
 from gateway.settings import Settings, env_name
 from gateway.tracing import build_sampler
 from gateway.triton_client import close_worker_detectors
@@ -169,6 +170,33 @@ def _app(observed_stack, **settings):
     return create_app({"SETTINGS": Settings(**{**values, **settings})})
 
 
+@pytest.mark.triton
+def test_an_image_sent_inline_with_shared_memory_on_is_counted_by_reason(observed_stack, hopper, monkeypatch):
+    """Every region in use (a pool of one, held here as by a request in flight): the image goes inline, counted
+    under pool_full beside the grpc transport; the next one, with the region free, goes through shared memory."""
+    from gateway import shared_memory
+    from gateway.triton_client import TritonDetector
+
+    monkeypatch.setattr(shared_memory, "MAX_REGIONS_PER_WORKER", 1)
+    jpeg = hopper[0]
+    app = _app(observed_stack)
+    detector = TritonDetector(app.config["SETTINGS"])
+    app.config["DETECTOR"] = detector
+    client = server_like_client(app)
+    try:
+        with detector._regions.lease():
+            assert client.post("/v1/detect", data=jpeg, headers={"Content-Type": "image/jpeg"}).status_code == 200
+        assert client.post("/v1/detect", data=jpeg, headers={"Content-Type": "image/jpeg"}).status_code == 200
+    finally:
+        detector.close()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in parse_text(client.get("/metrics").get_data(as_text=True)) for s in family.samples}
+    assert {labels: value for (name, labels), value in samples.items()
+            if name == "gateway_triton_inline_fallbacks_total" and value} == {(("reason", "pool_full"),): 1}
+    assert samples[("gateway_triton_requests_total", (("transport", "grpc"),))] == 1
+    assert samples[("gateway_triton_requests_total", (("transport", "system_shared_memory"),))] == 1
+
+
 def _settled_inference_count(metrics_url: str) -> str:
     """Triton's `mask_detection` count line once it stops moving: Triton counts a request just after answering it."""
     previous = None
@@ -203,6 +231,8 @@ def test_app_metrics_merge_triton_and_count_requests_errors_and_images(observed_
     # this app and the session's Triton share /dev/shm: the one image went through shared memory
     assert samples[("gateway_triton_requests_total", (("transport", "system_shared_memory"),))] == 1
     assert samples[("gateway_triton_requests_total", (("transport", "grpc"),))] == 0
+    assert {labels: value for (name, labels), value in samples.items()
+            if name == "gateway_triton_inline_fallbacks_total"} == {(("reason", reason),): 0 for reason in INLINE_REASONS}
     assert samples[("gateway_image_pixels_sum", ())] == pixels.shape[0] * pixels.shape[1]
     assert samples[("gateway_faces_per_image_count", ())] == 1
     assert samples[("gateway_faces_per_image_sum", ())] == sum(labelled.values())

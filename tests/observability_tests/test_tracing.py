@@ -188,6 +188,20 @@ def test_the_server_span_withholds_the_callers_address_agent_and_query(observed_
     assert "Bob" not in values and "0.55" not in values and "confidence" not in values
 
 
+def test_an_error_answer_names_its_api_code_on_the_server_span(observed_stack, otlp_receiver, http):
+    """A caller's mistake (text sent as a JPEG): the span's status stays unset (a 4xx), its attributes say which."""
+    from gateway.tracing import ERROR_CODE_ATTRIBUTE, ERROR_KIND_ATTRIBUTE
+
+    mark, request_id = otlp_receiver.mark(), uuid.uuid4().hex
+    response = http.post(observed_stack.url + "/v1/detect", data=b"not a picture",
+                         headers={"Content-Type": "image/jpeg", "X-Request-ID": request_id})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_image"
+    otlp_receiver.wait_for(lambda spans: _server_span_for(spans, request_id), since=mark, timeout=TRACE_WAIT_S)
+    server = _server_span_for(otlp_receiver.since(mark), request_id)
+    assert (server.attributes[ERROR_CODE_ATTRIBUTE], server.attributes[ERROR_KIND_ATTRIBUTE]) == (
+        "invalid_image", "client")
+
+
 def test_a_sampled_caller_trace_is_joined_by_both_services(observed_stack, otlp_receiver, http, hopper_jpeg):
     trace_id, parent_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
     request_id, spans = _traced_request(otlp_receiver, http, observed_stack.url, hopper_jpeg,
