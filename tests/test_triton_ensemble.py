@@ -226,15 +226,21 @@ def test_an_image_without_pixels_is_the_callers_error(client, shape, message):
 
 
 def _load_failure(model_repository, tmp_path, inputs: dict[str, str] | None = None,
-                  merges: tuple[str, ...] = ()) -> str:
-    """Triton's report when the repository, with each model's `inputs` replaced and `merges` merged, is started."""
+                  merges: tuple[str, ...] = (), outputs: dict[str, str] | None = None,
+                  removes: tuple[str, ...] = ()) -> str:
+    """Triton's report when the repository, with each model's `inputs` and `outputs` replaced, `merges` merged and
+    the files `removes` names (relative to the repository) deleted, is started."""
     from benchmarks.config_variant import make_variant
     from ensemble.triton.launcher import TritonServer, TritonStartError
 
-    inputs = inputs or {}
+    tensors = {**{(model, "input"): text for model, text in (inputs or {}).items()},
+               **{(model, "output"): text for model, text in (outputs or {}).items()}}
     variant = make_variant(tmp_path / "variant", source=model_repository,
-                           clears=[f"{model}:input" for model in inputs],
-                           merges=[f"{model}:input [ {text} ]" for model, text in inputs.items()] + list(merges))
+                           clears=[f"{model}:{field}" for model, field in tensors],
+                           merges=[f"{model}:{field} [ {text} ]" for (model, field), text in tensors.items()]
+                           + list(merges))
+    for relative in removes:
+        (variant / relative).unlink()  # a link into model_repository/: the original stays
     with pytest.raises(TritonStartError) as error:
         TritonServer(variant, ready_timeout=60, log_file=tmp_path / "tritonserver.log").start()
     return str(error.value)
@@ -261,6 +267,30 @@ def test_postprocess_refuses_to_send_the_classifier_larger_batches_than_it_takes
         'postprocess:parameters { key: "classifier_batch_size" value { string_value: "32" } }',))
     assert "model 'postprocess' failed to load" in report
     assert "classifier_batch_size is 32 but mask_classifier's max_batch_size is 16" in report
+
+
+def test_postprocess_refuses_to_load_without_its_priors_file_and_says_what_writes_it(model_repository, tmp_path):
+    """A repository whose models were never built: the load says which command makes the missing file."""
+    report = _load_failure(model_repository, tmp_path, removes=("postprocess/1/priors.npy",))
+    assert "model 'postprocess' failed to load" in report
+    assert "postprocess/1/priors.npy is missing: `python -m ensemble.build` (make models) writes it" in report
+
+
+def test_postprocess_refuses_to_load_a_classifier_batch_size_below_one(model_repository, tmp_path):
+    """Zero faces per BLS call would never classify a face: found at load, not by the first request with one."""
+    report = _load_failure(model_repository, tmp_path, merges=(
+        'postprocess:parameters { key: "classifier_batch_size" value { string_value: "0" } }',))
+    assert "model 'postprocess' failed to load" in report
+    assert "classifier_batch_size must be >= 1, got 0" in report
+
+
+def test_preprocess_refuses_to_load_a_blob_shape_the_layouts_do_not_make(model_repository, tmp_path):
+    """Blobs of another size than config.pbtxt declares would fail every request at run time."""
+    report = _load_failure(model_repository, tmp_path, outputs={
+        "preprocess": '{ name: "BLOB", data_type: TYPE_FP32, dims: [ 3, 320, 320 ] }'})
+    assert "model 'preprocess' failed to load" in report
+    assert ("config.pbtxt declares BLOB dims (3, 320, 320), but ensemble/layouts.py makes the detector input "
+            "(3, 300, 300)") in report
 
 
 def test_postprocess_serves_from_a_folder_of_its_own(model_repository, reference_pipeline, tmp_path):

@@ -7,7 +7,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc.model_config_pb2 import ModelInstanceGroup
 from tritonclient.utils import InferenceServerException
 
-from ensemble.triton.launcher import TritonServer
+from ensemble.triton.launcher import TritonServer, TritonStartError
 from triton_helpers import tiny_outputs, write_model, write_tiny_onnx_model
 
 pytestmark = pytest.mark.triton
@@ -154,3 +154,16 @@ def test_a_valueerror_from_a_models_own_bug_is_internal_not_the_callers(client):
     with pytest.raises(InferenceServerException) as error:
         infer(client, "scaler", np.array([[1.0, 2.0]], np.float32), outputs=("Y",), parameters={"factor": 7})
     assert error.value.status() == "StatusCode.INTERNAL" and "cannot reshape" in error.value.message()
+
+
+def test_a_config_naming_tensors_the_graph_lacks_fails_to_load_and_says_which(tmp_path):
+    """Loaded anyway, the model would fail every request at run time; the load names the mismatch instead."""
+    repository = tmp_path / "repository"
+    config = write_tiny_onnx_model(repository, "misnamed") / "config.pbtxt"
+    config.write_text(config.read_text().replace('name: "x"', 'name: "pixels"').replace('name: "total"',
+                                                                                        'name: "sum"'))
+    with pytest.raises(TritonStartError) as error:
+        TritonServer(repository, ready_timeout=60, log_file=tmp_path / "tritonserver.log").start()
+    report = str(error.value)
+    assert "model 'misnamed' failed to load" in report
+    assert "config.pbtxt names ['pixels', 'sum'] but the graph has inputs ['x'] and outputs ['total', 'y']" in report

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from gateway_helpers import REPO_ROOT, Gunicorn, children, free_port, metric_samples, pgrep, scraped
+from gateway_helpers import (REPO_ROOT, Gunicorn, children, free_port, metric_samples, pgrep, sample_sum,
+                             scraped)
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
+from prometheus_client.multiprocess import MultiProcessCollector
 
 pytestmark = pytest.mark.triton
 
@@ -146,6 +149,36 @@ def test_the_metrics_process_survives_a_hup_and_stops_with_gunicorn_and_a_taken_
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", metrics_port), timeout=5).close()
     assert subprocess.run(["kill", "-0", str(helpers[0])], capture_output=True).returncode != 0
+
+
+STALE_DETECTIONS = 12345.0
+
+
+def test_a_given_metrics_directory_is_emptied_of_a_previous_runs_files_at_start(gateway_stack, tmp_path):
+    """PROMETHEUS_MULTIPROC_DIR from the caller (a volume, say) may hold a previous run's files: left there, their
+    counts would be summed into this run's, as if a dead worker's requests had been served now."""
+    stale = tmp_path / "counter_99999.db"  # prometheus_client's name for a counter file of process 99999
+    counts = MmapedDict(str(stale))
+    counts.write_value(mmap_key("gateway_detections", "gateway_detections_total", ["label"], ["mask"],
+                                "Labelled faces by classifier label"), STALE_DETECTIONS, 0.0)
+    counts.close()
+    (tmp_path / "exemplars_99999.json").write_text(
+        '[["gateway_stage_duration_seconds_bucket",[["le","0.1"],["stage","total"]],"%s",0.05,0]]' % ("ab" * 16))
+    (tmp_path / "notes.txt").write_text("not prometheus_client's")
+    read_if_left = [sample.value for family in MultiProcessCollector(None, str(tmp_path)).collect()
+                    for sample in family.samples if sample.name == "gateway_detections_total"]
+    assert read_if_left == [STALE_DETECTIONS]
+
+    env = gateway_stack.environment(free_port(), {"GATEWAY_WORKERS": "1", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+    started = Gunicorn(env, gateway_stack.log_dir / "metrics_dir_stale.log").start()
+    try:
+        assert not stale.exists() and not (tmp_path / "exemplars_99999.json").exists()
+        assert (tmp_path / "notes.txt").exists()  # only prometheus_client's files and the exemplars are removed
+        assert list(tmp_path.glob("*.db"))  # the new worker's own files, in the directory the caller gave
+        assert sample_sum(scraped(started.url + "/metrics"), "gateway_detections_total") == 0
+    finally:
+        assert started.stop() == 0
+    assert (tmp_path / "notes.txt").exists()  # the caller's directory is not removed at exit
 
 
 def _gone(pid: int) -> bool:

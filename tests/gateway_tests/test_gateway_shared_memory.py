@@ -44,6 +44,7 @@ live = pytest.mark.triton
 IN_FLIGHT = ("gateway_inflight_requests", ())  # the gauge's one series, summed over workers
 WORKER_RESPAWN_TIMEOUT_S = 30
 INLINE_WARNING = "sends images inside the gRPC request"
+SAMPLED_TRACE_ID = "ab" * 16  # a caller's sampled trace: the gateway continues it, and records it as an exemplar
 
 # A gateway process whose /dev/shm Triton cannot see: run under `unshare --mount` with a fresh tmpfs there.
 PRIVATE_SHM_CHILD = r"""
@@ -424,26 +425,31 @@ def test_a_gateway_triton_cannot_map_leaves_other_gateways_regions_alone(triton_
 # ---------------------------------------------------------------------------------------------------------
 # live: gunicorn's hooks
 @live
-def test_a_killed_workers_regions_are_freed_and_unregistered(gateway_stack, hopper_jpeg):
+def test_a_killed_workers_regions_are_freed_and_unregistered(gateway_stack, hopper_jpeg, tmp_path):
     """SIGKILL skips worker_exit: the master frees the memory, the next worker unregisters it from Triton.
 
     The master also drops the dead worker's in-flight count (its live gauge file), else a request it was serving
-    would show as in flight for ever.
+    would show as in flight for ever, and its exemplar file, else /metrics would go on reading a dead process's.
     """
     triton_url = gateway_stack.triton.grpc_url
-    env = gateway_stack.environment(free_port(), {"GATEWAY_WORKERS": "1"})
+    env = gateway_stack.environment(free_port(), {"GATEWAY_WORKERS": "1", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
     gunicorn = Gunicorn(env, gateway_stack.log_dir / "shared-memory.log").start()
     master = gunicorn.process.pid
     worker_pids: list[int] = []
 
-    def post():
+    def post(headers=None):
         return requests.post(gunicorn.url + "/v1/detect", data=hopper_jpeg,
-                             headers={"Content-Type": "image/jpeg"}, timeout=60)
+                             headers={"Content-Type": "image/jpeg", **(headers or {})}, timeout=60)
 
     try:
-        assert post().status_code == 200
+        assert post({"traceparent": f"00-{SAMPLED_TRACE_ID}-{'cd' * 8}-01"}).status_code == 200
         (worker,) = children(master)
         worker_pids.append(worker)
+        exemplars = tmp_path / f"exemplars_{worker}.json"  # written by the worker's flush thread, soon after
+        deadline = time.monotonic() + 30
+        while SAMPLED_TRACE_ID not in (exemplars.read_text() if exemplars.exists() else ""):
+            assert time.monotonic() < deadline, f"the sampled request left no exemplar in {exemplars}"
+            time.sleep(0.1)
         dead_prefix = worker_prefix(worker)
         dead_files = region_files(dead_prefix)
         dead_regions = set(registered(triton_url, dead_prefix))
@@ -464,10 +470,10 @@ def test_a_killed_workers_regions_are_freed_and_unregistered(gateway_stack, hopp
         deadline = time.monotonic() + WORKER_RESPAWN_TIMEOUT_S
         while True:
             respawned = [pid for pid in children(master) if pid != worker]
-            if respawned and not any(os.path.exists(path) for path in dead_files):
+            left = [path for path in [*dead_files, str(exemplars)] if os.path.exists(path)]
+            if respawned and not left:
                 break
-            assert time.monotonic() < deadline, (
-                f"no new worker or {dead_files} still there; see {gunicorn.log_path}")
+            assert time.monotonic() < deadline, f"no new worker or {left} still there; see {gunicorn.log_path}"
             time.sleep(0.1)
         (new_worker,) = respawned
         worker_pids.append(new_worker)
