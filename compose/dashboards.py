@@ -30,7 +30,9 @@ RULES_DIR = COMPOSE_DIR / "prometheus" / "rules"
 GATEWAY_COUNTERS = ("flask_http_request_total", "flask_http_request_exceptions_total",
                     "gateway_detections_total", "gateway_errors_total", "gateway_triton_requests_total",
                     "gateway_triton_inline_fallbacks_total")
-GATEWAY_GAUGES = ("gateway_inflight_requests", "gateway_worker_threads", "gateway_triton_metrics_up")
+GATEWAY_GAUGES = ("gateway_inflight_requests", "gateway_worker_threads", "gateway_triton_metrics_up",
+                  "gateway_worker_oldest_request_start_timestamp_seconds",
+                  "gateway_worker_last_answer_timestamp_seconds")
 GATEWAY_HISTOGRAMS = ("flask_http_request_duration_seconds", "gateway_stage_duration_seconds",
                       "gateway_faces_per_image", "gateway_detection_confidence", "gateway_image_pixels")
 # Seen on tritonserver 2.51 (pip nvidia-pytriton build, CPU) after inferences; nv_inference_request_failure
@@ -202,9 +204,8 @@ MAX_RULE_NESTING = 8  # a rule built on rules built on rules...; deeper is taken
 
 
 def inline_recording_rules(expr: str, rules: Mapping[str, str]) -> str:
-    """Replace each bare recording-rule name by `(its expression)`, and the rules those read in turn; a decorated
-    reference is an error."""
-    for _ in range(MAX_RULE_NESTING):
+    """Replace each bare recording-rule name by `(its expression)`, recursively; a decorated reference is an error."""
+    for _ in range(MAX_RULE_NESTING + 1):  # the last pass finds nothing left to replace
         bare, decorated = bare_rule_references(expr, rules)
         if decorated:
             raise ValueError(f"recording rules {sorted(decorated)} carry matchers or a range in {expr!r}: "

@@ -6,6 +6,9 @@ after fork); under gunicorn they live in prometheus_client's multiprocess files 
 """
 from __future__ import annotations
 
+import itertools
+import threading
+import time
 from typing import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -40,6 +43,15 @@ class ServiceMetrics:
             "gateway_worker_threads", "Request threads of the live workers (GATEWAY_THREADS each): at this many "
             "requests in flight, the next ones wait in gunicorn's queue, where no latency metric sees them",
             registry=registry, multiprocess_mode="livesum")
+        # Per worker (a `pid` label under gunicorn): how long its oldest request has been running, and when it last
+        # answered one. Only events write a gauge, so they hold timestamps and the age is computed at query time.
+        self.oldest_request_start = Gauge(
+            "gateway_worker_oldest_request_start_timestamp_seconds", "Unix time the worker's oldest request in flight "
+            "started (0: none in flight); a request ends once its answer is written", registry=registry,
+            multiprocess_mode="liveall")
+        self.last_answer = Gauge(
+            "gateway_worker_last_answer_timestamp_seconds", "Unix time the worker last finished writing an answer "
+            "(its start time until then)", registry=registry, multiprocess_mode="liveall")
         self.stage_duration = Histogram(
             "gateway_stage_duration_seconds",
             "Time per stage of a detection request: decode (image), triton (the gRPC round trip, failed or not), "
@@ -84,8 +96,7 @@ class ServiceMetrics:
 
     def observe_image(self, width: int, height: int, labels: Sequence[str], confidences: Sequence[float],
                       transport: str, inline_reason: str | None = None) -> None:
-        """What one successfully processed image contained, and how its pixels reached Triton (and why not through
-        shared memory, when it was on)."""
+        """What one successfully processed image contained, and how (and, if inline, why) its pixels reached Triton."""
         self.triton_requests.labels(transport=transport).inc()
         if inline_reason is not None:
             self.inline_fallbacks.labels(reason=inline_reason).inc()
@@ -97,3 +108,34 @@ class ServiceMetrics:
 
     def count_error(self, code: str, kind: str) -> None:
         self.errors.labels(code=code, kind=kind).inc()
+
+
+class RequestClock:
+    """This worker's requests in flight, oldest first, kept in the per-worker gauges a stuck request shows in."""
+
+    def __init__(self, metrics: ServiceMetrics, clock=time.time):
+        self._metrics, self._clock = metrics, clock
+        self._lock = threading.Lock()
+        self._started: dict[int, float] = {}  # token -> start time, in start order
+        self._tokens = itertools.count()
+        metrics.oldest_request_start.set(0)
+        metrics.last_answer.set(clock())  # a worker that has answered nothing yet is as fresh as its start
+
+    def start(self) -> int:
+        """A request began: returns the token `end` takes."""
+        now = self._clock()
+        with self._lock:
+            token = next(self._tokens)
+            self._started[token] = now
+            if len(self._started) == 1:
+                self._metrics.oldest_request_start.set(now)
+        return token
+
+    def end(self, token: int) -> None:
+        """The request's answer is written (or it failed): the next oldest becomes the one to watch."""
+        now = self._clock()
+        with self._lock:
+            if self._started.pop(token, None) is None:
+                return
+            self._metrics.oldest_request_start.set(next(iter(self._started.values()), 0))
+            self._metrics.last_answer.set(now)

@@ -128,6 +128,7 @@ class RegionPool:
     def lease(self) -> Iterator[Region]:
         """A registered region for one request; NoRegionForNow when none can be had (send that image inline)."""
         region = self._take()
+        _failed_creations.settle()  # a region again: what failed meanwhile is reported now, not at the next failure
         try:
             yield region
         finally:
@@ -164,7 +165,6 @@ class RegionPool:
                 raise
             with self._lock:
                 self._all.append(region)
-            _failed_creations.settle()
             return region
         finally:
             with self._lock:

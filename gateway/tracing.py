@@ -132,8 +132,7 @@ def register_tracing(app: Flask, settings: Settings) -> None:
 
     @app.after_request
     def _name_the_error(response):
-        """An error answer's API code on the server span: a 503 says which (Triton gone, model missing), a 429 is
-        there at all (4xx leave the span's status unset)."""
+        """An error answer's code on the server span: which 503 it was, and that a 4xx (status left unset) was one."""
         if g.get("error_code"):
             set_server_span_attributes(**{ERROR_CODE_ATTRIBUTE: g.error_code, ERROR_KIND_ATTRIBUTE: g.error_kind})
         return response
@@ -210,8 +209,7 @@ def triton_call_span(settings: Settings) -> Iterator[trace.Span]:
 
 
 def set_rpc_status(span: trace.Span, status_name: str, error: BaseException | None = None) -> None:
-    """Record the gRPC status ("OK", "UNAVAILABLE", ...; "" when the call failed before any status, `error` then
-    naming what failed by its class)."""
+    """Record the gRPC status ("OK", "UNAVAILABLE", ...; "" before any status: then `error`'s class names it)."""
     code = GRPC_STATUS_CODES.get(status_name)
     if code is not None:
         span.set_attribute("rpc.grpc.status_code", code)

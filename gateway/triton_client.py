@@ -128,6 +128,7 @@ class TritonDetector:
             except Exception as error:  # failed before any gRPC status (a shared-memory error, say): a 500
                 set_rpc_status(span, "", error)
                 span.record_exception(error)
+                span.set_attribute(ERROR_CODE_ATTRIBUTE, ApiError.code)
                 raise
             set_rpc_status(span, "OK")
         _failures.settle()

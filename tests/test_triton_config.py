@@ -46,3 +46,13 @@ def test_save_into_model_directory(tmp_path: Path):
 def test_only_onnxruntime_session_keys_become_session_entries():
     parameters = {"session.intra_op.allow_spinning": "0", "intra_op_thread_count": "2", "sessionless": "x"}
     assert ort_session_entries(parameters) == {"session.intra_op.allow_spinning": "0"}
+
+
+def test_one_gateway_with_its_default_settings_cannot_fill_the_detectors_queue():
+    """The queue bound's premise (face_detector's config.pbtxt): one gateway's images in flight at most, workers x
+    threads x a batch request's images at once, all fit, so 429s mean several callers together outrun Triton."""
+    from gateway.settings import Settings
+
+    queue = load_config(DEFAULT_REPOSITORY / "face_detector").dynamic_batching.default_queue_policy.max_queue_size
+    defaults = Settings()
+    assert 0 < defaults.workers * defaults.threads * defaults.batch_concurrency <= queue

@@ -156,6 +156,9 @@ def test_a_burst_beyond_the_detectors_queue_is_refused_at_once_and_counted_on_th
     """
     queue = load_config(model_repository / "face_detector").dynamic_batching.default_queue_policy.max_queue_size
     assert queue > 0
+    served = client.get_model_config("face_detector").config.instance_group
+    if any(group.kind == group.KIND_GPU for group in served):  # there preprocess, not the detector, sets the pace
+        pytest.skip("face_detector runs on a GPU: its queue does not fill before preprocess's")
     burst = 4 * queue
     frame = image_input(NO_FACE[None])
     failures_before = _failures(triton_server.metrics_url)

@@ -17,7 +17,8 @@ from prometheus_flask_exporter.multiprocess import GunicornInternalPrometheusMet
 
 from gateway.exemplars import ExemplarStore
 from gateway.exposition import Exposition
-from gateway.metrics import ServiceMetrics
+from gateway.after_response import after_response
+from gateway.metrics import RequestClock, ServiceMetrics
 from gateway.operational import OPERATIONAL_PATHS
 from gateway.settings import Settings
 
@@ -52,6 +53,7 @@ def register_metrics(app: Flask, settings: Settings) -> None:
     exemplars = ExemplarStore(settings.prometheus_multiproc_dir or None)
     service = ServiceMetrics(registry, exemplars)
     service.worker_threads.set(settings.threads)  # this worker's share of the capacity; livesum adds the workers
+    clock = RequestClock(service)
     app.extensions[EXTENSION_KEY] = MetricsState(service, Exposition(settings, registry, exemplars))
 
     @app.before_request
@@ -59,6 +61,8 @@ def register_metrics(app: Flask, settings: Settings) -> None:
         if request.path not in OPERATIONAL_PATHS:
             service.inflight.inc()
             g.counted_in_flight = True
+            token = clock.start()
+            after_response(lambda: clock.end(token))  # once the answer is written: a blocked write counts too
 
     @app.after_request
     def _count_error(response):

@@ -63,6 +63,11 @@ def test_the_metrics_port_serves_the_merged_page_of_the_api_port(gateway, hopper
 def test_the_metrics_port_answers_while_every_worker_thread_is_busy(gateway):
     """What the port is for: with each thread held (here by stalled uploads; in production by a hung Triton), a
     scrape of the API port waits in the queue, and the metrics port still shows what is going on."""
+    (worker,) = set(children(gateway.process.pid)) - set(_metrics_processes(gateway.process.pid))
+    oldest = ("gateway_worker_oldest_request_start_timestamp_seconds", (("pid", str(worker)),))
+    last_answer = ("gateway_worker_last_answer_timestamp_seconds", (("pid", str(worker)),))
+    answered_before = scraped(gateway.metrics_url)[last_answer]
+    sent_at = time.time()
     stalled = [socket.create_connection(("127.0.0.1", gateway.port)) for _ in range(THREADS)]
     try:
         for connection in stalled:
@@ -72,12 +77,21 @@ def test_the_metrics_port_answers_while_every_worker_thread_is_busy(gateway):
             assert time.monotonic() < deadline, "the stalled uploads never showed as in flight"
             time.sleep(0.1)
         # ... against the capacity they exhaust: the saturation the alert GatewayThreadsSaturated watches is 1
-        assert scraped(gateway.metrics_url)[("gateway_worker_threads", ())] == THREADS
+        page = scraped(gateway.metrics_url)
+        assert page[("gateway_worker_threads", ())] == THREADS
+        # the worker's oldest request is the first stalled upload: GatewayRequestHung / GatewayStalled read its age
+        assert sent_at - 1 <= page[oldest] <= time.time() and page[last_answer] == answered_before
         with pytest.raises(requests.Timeout):  # queued behind the stalled uploads for CLIENT_TIMEOUT_S
             requests.get(gateway.url + "/metrics", timeout=3)
     finally:
         for connection in stalled:
             connection.close()
+    # the uploads broke off: their (failed) requests end, the queued scrape is answered, nothing is left in flight
+    deadline = time.monotonic() + 30
+    while (page := scraped(gateway.metrics_url))[oldest] != 0:
+        assert time.monotonic() < deadline, "the broken-off uploads never ended"
+        time.sleep(0.1)
+    assert page[last_answer] > answered_before
 
 
 def _metrics_processes(master: int) -> list[int]:

@@ -94,6 +94,7 @@ def test_a_failure_before_any_grpc_status_marks_the_triton_span_failed():
     (span,) = spans.get_finished_spans()
     assert span.name.endswith("/ModelInfer") and span.status.status_code is StatusCode.ERROR
     assert span.attributes["error.type"] == "OSError"
+    assert span.attributes[ERROR_CODE_ATTRIBUTE] == "internal_error"  # the 500 the caller gets
     assert [event.name for event in span.events] == ["exception"]
 
 

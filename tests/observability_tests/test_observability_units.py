@@ -123,6 +123,40 @@ def test_exemplars_of_another_worker_process_are_attached(tmp_path):
 
 
 # --------------------------------------------------------------------------- settings and sampler
+def test_the_request_clock_keeps_the_oldest_request_in_flight_and_the_last_answer():
+    """Requests end in any order: the gauge follows the oldest still running, and reads 0 once none is."""
+    from prometheus_client import CollectorRegistry
+
+    from gateway.metrics import RequestClock, ServiceMetrics
+
+    now = [100.0]
+    registry = CollectorRegistry()
+    clock = RequestClock(ServiceMetrics(registry, ExemplarStore(None)), clock=lambda: now[0])
+
+    def gauges():
+        return (registry.get_sample_value("gateway_worker_oldest_request_start_timestamp_seconds"),
+                registry.get_sample_value("gateway_worker_last_answer_timestamp_seconds"))
+
+    def start_at(when: float) -> int:
+        now[0] = when
+        return clock.start()
+
+    assert gauges() == (0, 100.0)  # nothing in flight; as fresh as its start
+    first, second, third = start_at(110.0), start_at(120.0), start_at(130.0)
+    assert gauges() == (110.0, 100.0)
+    now[0] = 140.0
+    clock.end(second)  # a younger one ends: the oldest is still the first
+    assert gauges() == (110.0, 140.0)
+    now[0] = 150.0
+    clock.end(first)
+    assert gauges() == (130.0, 150.0)
+    clock.end(first)  # ended twice (a teardown and a close): nothing changes
+    assert gauges() == (130.0, 150.0)
+    now[0] = 160.0
+    clock.end(third)
+    assert gauges() == (0, 160.0)
+
+
 def test_standard_otel_variables_are_read_by_settings():
     settings = Settings.from_env({"OTEL_SERVICE_NAME": "svc", "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
                                   "OTEL_TRACES_SAMPLER_ARG": "0.25",
@@ -231,8 +265,9 @@ def test_app_metrics_merge_triton_and_count_requests_errors_and_images(observed_
     # this app and the session's Triton share /dev/shm: the one image went through shared memory
     assert samples[("gateway_triton_requests_total", (("transport", "system_shared_memory"),))] == 1
     assert samples[("gateway_triton_requests_total", (("transport", "grpc"),))] == 0
-    assert {labels: value for (name, labels), value in samples.items()
-            if name == "gateway_triton_inline_fallbacks_total"} == {(("reason", reason),): 0 for reason in INLINE_REASONS}
+    fallbacks = {labels: value for (name, labels), value in samples.items()
+                 if name == "gateway_triton_inline_fallbacks_total"}
+    assert fallbacks == {(("reason", reason),): 0 for reason in INLINE_REASONS}
     assert samples[("gateway_image_pixels_sum", ())] == pixels.shape[0] * pixels.shape[1]
     assert samples[("gateway_faces_per_image_count", ())] == 1
     assert samples[("gateway_faces_per_image_sum", ())] == sum(labelled.values())
