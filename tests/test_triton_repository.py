@@ -76,3 +76,13 @@ def test_the_gateway_never_forwards_a_max_faces_postprocess_refuses():
     from gateway.params import MAX_FACES_LIMIT
 
     assert int(string_parameters(CONFIGS["postprocess"])["max_faces_limit"]) == MAX_FACES_LIMIT
+
+
+def test_the_api_document_states_the_models_default_thresholds():
+    """openapi.json quotes each default ("Default: the model's (0.5)"); postprocess's parameters are where they live."""
+    from gateway.openapi import openapi_document
+
+    parameters = openapi_document()["components"]["parameters"]
+    configured = string_parameters(CONFIGS["postprocess"])
+    for name in ("confidence", "iou", "max_faces"):
+        assert f"Default: the model's ({configured[name]})" in parameters[name]["description"], name

@@ -87,3 +87,25 @@ def test_a_file_the_browser_cannot_type_is_still_detected(browser, gateway_url, 
     assert browser.find_element(By.ID, "error").text == ""
     body = json.loads(browser.find_element(By.ID, "json").text)
     assert [d["label"] for d in body["detections"]] == ["no_mask"]
+
+
+def test_thresholds_typed_in_are_sent_when_detect_is_pressed(browser, gateway_url, hopper_path):
+    """The browser's own form check must let any confidence in (0, 1] through: with a 0.05 step it blocked 0.5, the
+    model's default, and the press did nothing."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(gateway_url + "/")
+    WebDriverWait(browser, 20).until(lambda d: d.find_element(By.ID, "ready").get_attribute("class") == "ok")
+    browser.find_element(By.ID, "file").send_keys(str(hopper_path))  # the change event submits it once
+    WebDriverWait(browser, 60).until(lambda d: d.execute_script("return document.body.dataset.state") == "done")
+    for confidence in ("0.5", "0.999"):
+        browser.execute_script("document.body.dataset.state = ''")
+        field = browser.find_element(By.ID, "confidence")
+        field.clear()
+        field.send_keys(confidence)
+        assert browser.execute_script("return document.getElementById('form').checkValidity()"), confidence
+        browser.find_element(By.ID, "detect").click()
+        WebDriverWait(browser, 60).until(lambda d: d.execute_script("return document.body.dataset.state") == "done")
+        scores = [face["score"] for face in json.loads(browser.find_element(By.ID, "json").text)["detections"]]
+        assert scores and min(scores) > float(confidence)
