@@ -169,8 +169,8 @@ def _observe_total(response):
 @bp.post("/v1/detect")
 def detect():
     """Faces with mask / no-mask labels in one image, as JSON or (Accept: image/jpeg) an annotated JPEG."""
+    params = parse_detect_params(request.args)  # first, as the batch: a bad query costs no upload
     data = _single_upload()
-    params = parse_detect_params(request.args)
     wants_jpeg = _wants_jpeg()
     stages = {}
     try:

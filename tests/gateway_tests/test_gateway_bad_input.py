@@ -241,3 +241,12 @@ def test_logs_carry_no_image_bytes(gateway_stack, http, hopper_jpeg):
     jpeg_start = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00"
     assert IMAGE_BYTES_IN_TEXT.search(repr(jpeg_start)) and IMAGE_BYTES_IN_TEXT.search(jpeg_start.decode("latin-1"))
     assert IMAGE_BYTES_IN_TEXT.search("\x89PNG\r\n") and not IMAGE_BYTES_IN_TEXT.search("libpng error: IHDR: CRC error")
+
+
+@pytest.mark.parametrize("path", ["/v1/detect", "/v1/detect/batch"])
+def test_a_bad_query_is_named_before_the_upload_is_looked_at(gateway_url, http, path):
+    """Both endpoints judge the query first: a misspelt threshold sent with a body that is no image either is told
+    about the threshold (and the gateway reads no upload for a request it refuses anyway)."""
+    files = {"image" if path == "/v1/detect" else "images": ("notes.txt", b"not an image", "text/plain")}
+    response = http.post(gateway_url + path, files=files, params={"confidense": "0.5"}, timeout=60)
+    assert_error(response, 400, "invalid_parameter", "confidense")
