@@ -114,10 +114,6 @@ class RegionPool:
         self._serial = itertools.count()  # a name is never reused, even after a failed registration
         self._swept = False
 
-    @property
-    def available(self) -> bool:
-        return self.unavailable is None
-
     def refusal(self, array: np.ndarray) -> str | None:
         """Why `array` cannot travel through this pool at all (SHM_UNUSABLE, UNMAPPABLE, TOO_LARGE), else None."""
         if self.unavailable is not None:

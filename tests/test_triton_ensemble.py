@@ -228,11 +228,11 @@ def test_an_image_without_pixels_is_the_callers_error(client, shape, message):
     assert client.is_server_ready()
 
 
-def _load_failure(model_repository, tmp_path, inputs: dict[str, str] | None = None,
+def _load_failure(model_repository, tmp_path, failing: str, inputs: dict[str, str] | None = None,
                   merges: tuple[str, ...] = (), outputs: dict[str, str] | None = None,
                   removes: tuple[str, ...] = ()) -> str:
     """Triton's report when the repository, with each model's `inputs` and `outputs` replaced, `merges` merged and
-    the files `removes` names (relative to the repository) deleted, is started."""
+    the files `removes` names (relative to the repository) deleted, is started; it must say `failing` failed."""
     from benchmarks.config_variant import make_variant
     from ensemble.triton.launcher import TritonServer, TritonStartError
 
@@ -246,52 +246,48 @@ def _load_failure(model_repository, tmp_path, inputs: dict[str, str] | None = No
         (variant / relative).unlink()  # a link into model_repository/: the original stays
     with pytest.raises(TritonStartError) as error:
         TritonServer(variant, ready_timeout=60, log_file=tmp_path / "tritonserver.log").start()
-    return str(error.value)
+    report = str(error.value)
+    assert f"model '{failing}' failed to load" in report
+    return report
 
 
 def test_postprocess_refuses_to_load_priors_that_do_not_match_its_loc_input(model_repository, tmp_path):
-    report = _load_failure(model_repository, tmp_path, {"postprocess": (
+    report = _load_failure(model_repository, tmp_path, "postprocess", {"postprocess": (
         '{ name: "LOC", data_type: TYPE_FP32, dims: [ 8000, 4 ] }, '
         '{ name: "CONF", data_type: TYPE_FP32, dims: [ 8000, 2 ] }, '
         '{ name: "IMAGE", data_type: TYPE_UINT8, dims: [ -1, -1, 3 ] }')})
-    assert "model 'postprocess' failed to load" in report
     assert "LOC has 8000 rows in config.pbtxt but 1/priors.npy holds 8892 priors" in report
 
 
 def test_postprocess_refuses_to_load_a_classifier_whose_input_disagrees_with_the_crops(model_repository, tmp_path):
-    report = _load_failure(model_repository, tmp_path, {
+    report = _load_failure(model_repository, tmp_path, "postprocess", {
         "mask_classifier": '{ name: "input", data_type: TYPE_FP32, dims: [ 160, 160, 3 ] }'})
-    assert "model 'postprocess' failed to load" in report
     assert "declares inputs [('input', 'TYPE_FP32', (160, 160, 3))]" in report
 
 
 def test_postprocess_refuses_to_send_the_classifier_larger_batches_than_it_takes(model_repository, tmp_path):
-    report = _load_failure(model_repository, tmp_path, merges=(
+    report = _load_failure(model_repository, tmp_path, "postprocess", merges=(
         'postprocess:parameters { key: "classifier_batch_size" value { string_value: "32" } }',))
-    assert "model 'postprocess' failed to load" in report
     assert "classifier_batch_size is 32 but mask_classifier's max_batch_size is 16" in report
 
 
 def test_postprocess_refuses_to_load_without_its_priors_file_and_says_what_writes_it(model_repository, tmp_path):
     """A repository whose models were never built: the load says which command makes the missing file."""
-    report = _load_failure(model_repository, tmp_path, removes=("postprocess/1/priors.npy",))
-    assert "model 'postprocess' failed to load" in report
+    report = _load_failure(model_repository, tmp_path, "postprocess", removes=("postprocess/1/priors.npy",))
     assert "postprocess/1/priors.npy is missing: `python -m ensemble.build` (make models) writes it" in report
 
 
 def test_postprocess_refuses_to_load_a_classifier_batch_size_below_one(model_repository, tmp_path):
     """Zero faces per BLS call would never classify a face: found at load, not by the first request with one."""
-    report = _load_failure(model_repository, tmp_path, merges=(
+    report = _load_failure(model_repository, tmp_path, "postprocess", merges=(
         'postprocess:parameters { key: "classifier_batch_size" value { string_value: "0" } }',))
-    assert "model 'postprocess' failed to load" in report
     assert "classifier_batch_size must be >= 1, got 0" in report
 
 
 def test_preprocess_refuses_to_load_a_blob_shape_the_layouts_do_not_make(model_repository, tmp_path):
     """Blobs of another size than config.pbtxt declares would fail every request at run time."""
-    report = _load_failure(model_repository, tmp_path, outputs={
+    report = _load_failure(model_repository, tmp_path, "preprocess", outputs={
         "preprocess": '{ name: "BLOB", data_type: TYPE_FP32, dims: [ 3, 320, 320 ] }'})
-    assert "model 'preprocess' failed to load" in report
     assert ("config.pbtxt declares BLOB dims (3, 320, 320), but ensemble/layouts.py makes the detector input "
             "(3, 300, 300)") in report
 
@@ -343,8 +339,7 @@ def test_without_the_classifier_loaded_faces_fail_as_model_not_ready(model_repos
 
 def test_postprocess_refuses_to_load_labels_the_classifier_does_not_score(model_repository, tmp_path):
     """Three labels for a two-way classifier would fail only requests that have faces, and only at run time."""
-    report = _load_failure(model_repository, tmp_path, merges=(
+    report = _load_failure(model_repository, tmp_path, "postprocess", merges=(
         'postprocess:parameters { key: "labels" value { string_value: "mask, no_mask, unsure" } }',))
-    assert "model 'postprocess' failed to load" in report
     assert "outputs [('probabilities', 'TYPE_FP32', (2,))]" in report
     assert "one probability per label of mask,no_mask,unsure" in report  # the labels' spaces are not part of them

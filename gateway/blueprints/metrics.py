@@ -15,9 +15,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_flask_exporter import PrometheusMetrics
 from prometheus_flask_exporter.multiprocess import GunicornInternalPrometheusMetrics
 
+from gateway.after_response import after_response
 from gateway.exemplars import ExemplarStore
 from gateway.exposition import Exposition
-from gateway.after_response import after_response
 from gateway.metrics import RequestClock, ServiceMetrics
 from gateway.operational import OPERATIONAL_PATHS
 from gateway.settings import Settings

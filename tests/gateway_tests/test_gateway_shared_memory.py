@@ -62,7 +62,8 @@ try:
     runs = [detector.detect(image) for _ in range(2)]
     print(json.dumps({"shm_before": shm_before, "faces": [len(run.labels) for run in runs],
                       "boxes": [run.boxes.tolist() for run in runs], "labels": [run.labels for run in runs],
-                      "available": detector._regions.available, "reasons": [run.inline_reason for run in runs]}))
+                      "available": detector._regions.unavailable is None,
+                      "reasons": [run.inline_reason for run in runs]}))
 finally:
     detector.close()
 """
@@ -84,7 +85,8 @@ try:
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     after = detector.detect(image)
     print(json.dumps({"labels": [short.labels, after.labels], "transports": [short.transport, after.transport],
-                      "available": detector._regions.available, "reasons": [short.inline_reason, after.inline_reason]}))
+                      "available": detector._regions.unavailable is None,
+                      "reasons": [short.inline_reason, after.inline_reason]}))
 finally:
     detector.close()
 """
@@ -397,7 +399,7 @@ def test_a_triton_that_comes_back_unable_to_map_the_regions_gets_pixels_inline(t
             with captured_spans() as spans:
                 assert_same_detections(detector.detect(image), want)
             assert transports(spans) == ["grpc"] and inline_reasons(spans) == [shared_memory.UNMAPPABLE]
-        assert pool.available is False and registered(triton_url, pool.prefix) == {}
+        assert pool.unavailable == shared_memory.UNMAPPABLE and registered(triton_url, pool.prefix) == {}
     finally:
         for path in moved:
             os.rename(path + ".elsewhere", path)
